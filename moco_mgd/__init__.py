@@ -1,0 +1,1 @@
+"""moco-mgd: MoCo-v2 pretraining with Matching Guided Distillation."""
