@@ -1,0 +1,69 @@
+"""Distributed plumbing. Every helper works without a process group (world size 1).
+
+Only this module talks to ``torch.distributed``; the math and the models call these
+helpers, so the same code runs in one CPU process, under ``torchrun`` and under SLURM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "all_reduce_sum",
+    "broadcast",
+    "all_gather_cat",
+    "barrier",
+]
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place; returns it. No-op at world size 1."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Copy rank ``src``'s ``tensor`` to every rank, in place; returns it."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` of every rank along dim 0, in rank order. No gradient.
+
+    All ranks must pass tensors of the same shape.
+    """
+    if not is_distributed():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,74 @@
+"""Small builders shared by the tests: checkpoints on disk and a real process group."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from moco_mgd.backbone import build_resnet
+
+
+def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Give every BN non-default affine weights and running stats, as a trained net has."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(0.2 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.5 * torch.randn(m.num_features, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model
+
+
+def moco_v2_checkpoint(arch: str = "resnet50", mlp: bool = True, seed: int = 0, dim: int = 128,
+                       queue_size: int = 64) -> tuple[dict, nn.Module]:
+    """A checkpoint in the official MoCo layout, and the query encoder it holds.
+
+    Like ``moco_v2_200ep_pretrain.pth.tar``: ``module.encoder_q.*`` (with the MLP head
+    ``fc.0``/``fc.2`` when ``mlp``), ``module.encoder_k.*`` with *different* weights, the
+    queue, ``arch``, ``epoch`` and an ``optimizer`` entry.
+    """
+    torch.manual_seed(seed)
+    encoder_q = randomize_bn(build_resnet(arch, num_classes=dim), seed)
+    encoder_k = randomize_bn(build_resnet(arch, num_classes=dim), seed + 1)
+    if mlp:
+        for enc in (encoder_q, encoder_k):
+            hidden = enc.fc.weight.shape[1]
+            enc.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), enc.fc)
+    state = {f"module.encoder_q.{k}": v for k, v in encoder_q.state_dict().items()}
+    state.update({f"module.encoder_k.{k}": v for k, v in encoder_k.state_dict().items()})
+    state["module.queue"] = nn.functional.normalize(torch.randn(dim, queue_size), dim=0)
+    state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    checkpoint = {"epoch": 200, "arch": arch, "state_dict": state,
+                  "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "params": [0]}]}}
+    return checkpoint, encoder_q
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int = 2, *args) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes of a gloo group.
+
+    ``fn`` must be a module-level function; it reports results through files.
+    """
+    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
