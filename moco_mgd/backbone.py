@@ -1,0 +1,156 @@
+"""ResNet backbones and their weights, in every layout a MoCo user has on disk.
+
+Recognised checkpoint layouts (all loaded with ``torch.load(weights_only=True)``):
+    * the official MoCo / this project: ``{"state_dict": {"module.encoder_q.conv1.weight", ...,
+      "module.encoder_k.*", "module.queue", ...}}``, with a linear ``fc`` or the MoCo-v2
+      MLP head ``fc.0`` / ``fc.2``;
+    * the same without the ``module.`` prefix (a model saved without DDP);
+    * a plain torchvision state dict (``conv1.weight``, ...), optionally under ``state_dict``
+      or ``model`` and optionally with ``module.``.
+Only the query encoder's backbone is taken; its head (``fc*``) is returned separately.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+from torchvision.models import resnet as tv_resnet
+
+__all__ = [
+    "RESNET_ARCHS",
+    "build_resnet",
+    "load_checkpoint_file",
+    "backbone_state_dict",
+    "load_backbone_weights",
+    "load_frozen_teacher",
+]
+
+RESNET_ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
+)
+
+# Key prefixes of a query encoder, most specific first.
+_ENCODER_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.",
+                     "module.backbone.", "backbone.", "module.")
+_BACKBONE_PROBE = "conv1.weight"
+
+
+def build_resnet(arch: str, num_classes: int = 1000) -> nn.Module:
+    """A torchvision ResNet with random weights (never downloads anything)."""
+    if arch not in RESNET_ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(RESNET_ARCHS)}")
+    return getattr(tv_resnet, arch)(weights=None, num_classes=num_classes)
+
+
+def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Mapping:
+    """``torch.load(path, weights_only=True)`` with errors that say what went wrong."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist (or is not a file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and safety errors all mean one thing here
+        raise ValueError(
+            f"{what} {path!r} is not a PyTorch checkpoint that loads with weights_only=True "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{what} {path!r} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def backbone_state_dict(checkpoint: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
+    """Split a checkpoint into the query encoder's backbone and head weights.
+
+    Args:
+        checkpoint: the object in a checkpoint file (see the module docstring).
+
+    Returns:
+        ``(backbone, head, layout)``: torchvision-named tensors without ``fc``, the ``fc*``
+        tensors (``fc.weight`` or ``fc.0.weight`` ...), and a one-line description of the
+        layout that was recognised.
+
+    Raises:
+        ValueError: no recognisable ResNet backbone; the message lists the keys found.
+    """
+    state = checkpoint
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    for prefix in _ENCODER_PREFIXES + ("",):
+        if prefix + _BACKBONE_PROBE in state:
+            break
+    else:
+        found = sorted(state.keys())
+        shown = ", ".join(found[:12]) + (f", ... ({len(found)} keys)" if len(found) > 12 else "")
+        raise ValueError(
+            f"no ResNet backbone found: expected a key ending in {_BACKBONE_PROBE!r} under one of "
+            f"{[p for p in _ENCODER_PREFIXES]} or none; found: {shown or 'no keys'}"
+        )
+    backbone, head = {}, {}
+    for key, value in state.items():
+        if not key.startswith(prefix) or not isinstance(value, torch.Tensor):
+            continue
+        name = key[len(prefix):]
+        (head if name.startswith("fc.") else backbone)[name] = value
+    layout = f"query encoder under {prefix!r}" if prefix else "plain torchvision keys"
+    if head:
+        layout += ", MLP head" if any(k.startswith("fc.0.") for k in head) else ", linear head"
+    return backbone, head, layout
+
+
+def _guess_arch(backbone: Mapping[str, torch.Tensor]) -> str | None:
+    for arch in RESNET_ARCHS:
+        ref = {k: v.shape for k, v in build_resnet(arch).state_dict().items() if not k.startswith("fc.")}
+        if ref.keys() == backbone.keys() and all(ref[k] == backbone[k].shape for k in ref):
+            return arch
+    return None
+
+
+def load_backbone_weights(model: nn.Module, arch: str, backbone: Mapping[str, torch.Tensor],
+                          source: str) -> None:
+    """Load backbone weights into ``model`` strictly (``fc`` excluded).
+
+    Raises:
+        ValueError: listing missing, unexpected and mis-shaped keys, and the architecture
+            the weights look like, if any.
+    """
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(expected.keys() - backbone.keys())
+    unexpected = sorted(backbone.keys() - expected.keys())
+    misshaped = sorted(k for k in expected.keys() & backbone.keys()
+                       if expected[k].shape != backbone[k].shape)
+    if missing or unexpected or misshaped:
+        guess = _guess_arch(backbone)
+        hint = f"; the weights look like a {guess}: pass that architecture" if guess else ""
+        raise ValueError(
+            f"{source} does not fit {arch}{hint}. missing {len(missing)} keys {missing[:5]}, "
+            f"unexpected {len(unexpected)} keys {unexpected[:5]}, "
+            f"{len(misshaped)} with another shape {misshaped[:5]}"
+        )
+    model.load_state_dict(dict(backbone), strict=False)
+
+
+def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike) -> nn.Module:
+    """The MGD teacher: a ResNet backbone from a MoCo-v2 (or torchvision) checkpoint.
+
+    The head is dropped (``fc`` becomes identity): MGD reads intermediate features only.
+    The returned model is in eval mode with ``requires_grad=False`` everywhere. Keep it out
+    of DDP and call it under ``torch.no_grad()``.
+    """
+    model = build_resnet(arch)
+    checkpoint = load_checkpoint_file(checkpoint_path, what="teacher checkpoint")
+    try:
+        backbone, _, layout = backbone_state_dict(checkpoint)
+    except ValueError as exc:
+        raise ValueError(f"teacher checkpoint {os.fspath(checkpoint_path)!r}: {exc}") from None
+    load_backbone_weights(model, arch, backbone, source=f"teacher checkpoint {os.fspath(checkpoint_path)!r} ({layout})")
+    model.fc = nn.Identity()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
