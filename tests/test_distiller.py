@@ -1,0 +1,184 @@
+import pytest
+import torch
+
+from moco_mgd import distributed, mgd
+from moco_mgd.backbone import build_resnet
+from moco_mgd.distiller import MGDistiller, collect_matching_costs
+from moco_mgd.taps import FeatureTaps
+from tests.helpers import randomize_bn, run_distributed
+
+
+def _pair(student_arch="resnet18", teacher_arch="resnet50", seed=0):
+    torch.manual_seed(seed)
+    teacher = randomize_bn(build_resnet(teacher_arch), seed).eval().requires_grad_(False)
+    student = build_resnet(student_arch)
+    return teacher, student, FeatureTaps(teacher), FeatureTaps(student)
+
+
+def _images(n, seed=1, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _matched(reducer="amp", **kwargs):
+    teacher, student, t_taps, s_taps = _pair()
+    distiller = MGDistiller.from_models(teacher, student, reducer=reducer, **kwargs)
+    collect_matching_costs(distiller, s_taps, t_taps, _images(8).split(4))
+    distiller.update_matching()
+    return distiller, teacher, student, t_taps, s_taps
+
+
+def test_matching_is_the_balanced_assignment_of_the_summed_costs():
+    teacher, student, t_taps, s_taps = _pair()
+    distiller = MGDistiller.from_models(teacher, student)
+    batches = _images(8).split(4)
+    assert collect_matching_costs(distiller, s_taps, t_taps, batches) == 8
+    reports = distiller.update_matching()
+    student.eval()
+    with torch.no_grad():
+        feats = [(s_taps(b), t_taps(b)) for b in batches]
+    for i, assignment in enumerate(distiller.assignments()):
+        cost = sum(mgd.channel_cost(s[i], t[i]).double() for s, t in feats)
+        assert torch.equal(assignment, mgd.balanced_assignment(cost))
+    assert [r.stage for r in reports] == ["layer1", "layer2", "layer3", "layer4"]
+    assert all(0.0 <= r.cost <= 4.0 and r.num_images == 8 for r in reports)
+
+
+def test_sparse_reducer_uses_one_to_one_matching():
+    distiller, *_ = _matched(reducer="sm")
+    for a, cs in zip(distiller.assignments(), distiller.student_channels):
+        assert torch.bincount(a[a >= 0], minlength=cs).tolist() == [1] * cs
+
+
+def test_a_second_update_on_the_same_images_changes_nothing():
+    distiller, teacher, student, t_taps, s_taps = _matched()
+    collect_matching_costs(distiller, s_taps, t_taps, _images(8).split(4))
+    assert [r.changed for r in distiller.update_matching()] == [0, 0, 0, 0]
+    assert int(distiller.num_matchings) == 2
+
+
+def test_collect_respects_max_images_and_restores_train_mode():
+    teacher, student, t_taps, s_taps = _pair()
+    distiller = MGDistiller.from_models(teacher, student)
+    student.train()
+    assert collect_matching_costs(distiller, s_taps, t_taps, [(_images(4), None)] * 3, max_images=6) == 6
+    assert student.training
+    assert distiller.update_matching()[0].num_images == 6
+
+
+@pytest.mark.parametrize("reducer", ["amp", "max", "avg", "sm"])
+def test_loss_is_the_weighted_partial_l2_of_the_reduced_teacher(reducer):
+    distiller, teacher, student, t_taps, s_taps = _matched(reducer=reducer, loss_factor=100.0)
+    x = _images(4, seed=5)
+    student.train()
+    student(x)
+    s_feats = s_taps.pop()
+    with torch.no_grad():
+        t_feats = t_taps(x)
+    loss, per_stage = distiller(s_feats, t_feats)
+    expected = []
+    for i, (s, t) in enumerate(zip(s_feats, t_feats)):
+        groups = mgd.assignment_groups(distiller.assignments()[i], s.shape[1])
+        target = mgd.reduce(t, distiller.assignments()[i], s.shape[1], reducer)
+        margin = mgd.reduce_margin(distiller.margins()[i], groups)
+        bn = distiller.student_bns[i]
+        # The BN in train mode normalises with batch statistics: recompute them by hand.
+        normalised = (s - s.mean((0, 2, 3), keepdim=True)) / torch.sqrt(s.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+        normalised = normalised * bn.weight.reshape(1, -1, 1, 1) + bn.bias.reshape(1, -1, 1, 1)
+        expected.append(distiller.stage_weights[i] * mgd.partial_l2(normalised, target, margin) / (4 * 100.0))
+    torch.testing.assert_close(per_stage, torch.stack(expected).detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), per_stage.sum())
+    assert distiller.stage_weights == [1 / 8, 1 / 4, 1 / 2, 1.0]
+
+
+def test_gradients_reach_the_student_and_its_bns_never_the_teacher():
+    distiller, teacher, student, t_taps, s_taps = _matched()
+    x = _images(4, seed=6)
+    student.train()
+    student(x)
+    with torch.no_grad():
+        t_feats = t_taps(x)
+    loss, _ = distiller(s_taps.pop(), t_feats)
+    loss.backward()
+    assert student.layer4[-1].conv2.weight.grad.abs().sum() > 0
+    assert student.conv1.weight.grad.abs().sum() > 0
+    assert all(bn.weight.grad.abs().sum() > 0 for bn in distiller.student_bns)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_state_dict_restores_assignments_margins_and_bns_exactly():
+    distiller, teacher, student, t_taps, s_taps = _matched(reducer="rd")
+    with torch.no_grad():
+        for bn in distiller.student_bns:
+            bn.weight.uniform_(0.5, 1.5)
+    state = distiller.state_dict()
+    restored = MGDistiller.from_models(build_resnet("resnet50"), build_resnet("resnet18"), reducer="rd")
+    restored.load_state_dict(state)
+    assert restored.is_matched
+    for a, b in zip(distiller.assignments() + distiller.margins(), restored.assignments() + restored.margins()):
+        assert torch.equal(a, b)
+    x = _images(2, seed=7)
+    with torch.no_grad():
+        student.eval()
+        s_feats, t_feats = s_taps(x), t_taps(x)
+    losses = [d.eval()(s_feats, t_feats, generator=torch.Generator().manual_seed(3))[0]
+              for d in (distiller, restored)]
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_student_wider_than_teacher_is_refused():
+    with pytest.raises(ValueError, match="stage layer1: the student has more channels than the teacher"):
+        MGDistiller.from_models(build_resnet("resnet18"), build_resnet("resnet50"))
+
+
+def test_unknown_reducer_is_refused():
+    with pytest.raises(ValueError, match="unknown reduction method 'median'"):
+        MGDistiller.from_models(build_resnet("resnet50"), build_resnet("resnet18"), reducer="median")
+
+
+def test_update_before_any_image_is_refused():
+    distiller = MGDistiller.from_models(build_resnet("resnet50"), build_resnet("resnet18"))
+    with pytest.raises(RuntimeError, match="no matching statistics"):
+        distiller.update_matching()
+
+
+def test_loss_before_any_matching_is_refused():
+    teacher, student, t_taps, s_taps = _pair()
+    distiller = MGDistiller.from_models(teacher, student)
+    x = _images(2)
+    with pytest.raises(RuntimeError, match="no matching yet"):
+        distiller(s_taps(x), t_taps(x))
+
+
+def test_features_of_different_spatial_size_are_refused():
+    teacher, student, t_taps, s_taps = _pair()
+    distiller = MGDistiller.from_models(teacher, student)
+    with torch.no_grad():
+        student.eval()
+        s_feats, t_feats = s_taps(_images(2, size=32)), t_taps(_images(2, size=64))
+    with pytest.raises(ValueError, match="stage layer1: student features are \\(8, 8\\) but teacher features are \\(16, 16\\)"):
+        distiller.accumulate(s_feats, t_feats)
+
+
+# --- distributed statistics --------------------------------------------------------
+
+def _sharded_matching(rank, world_size, out_dir):
+    teacher, student, t_taps, s_taps = _pair()
+    distiller = MGDistiller.from_models(teacher, student)
+    shard = _images(8).split(4)[rank]            # each rank sees only its half
+    assert collect_matching_costs(distiller, s_taps, t_taps, [shard]) == 4
+    reports = distiller.update_matching()
+    torch.save({"assignments": distiller.assignments(), "images": reports[0].num_images,
+                "world_size": distributed.get_world_size()}, f"{out_dir}/rank{rank}.pt")
+
+
+def test_sharded_statistics_give_the_single_process_assignment(tmp_path):
+    run_distributed(_sharded_matching, 2, str(tmp_path))
+    teacher, student, t_taps, s_taps = _pair()
+    single = MGDistiller.from_models(teacher, student)
+    collect_matching_costs(single, s_taps, t_taps, _images(8).split(4))
+    single.update_matching()
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["world_size"] == 2 and result["images"] == 8
+        for got, want in zip(result["assignments"], single.assignments()):
+            assert torch.equal(got, want)
