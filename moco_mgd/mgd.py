@@ -211,7 +211,7 @@ def reduce_grouped(
     Methods, at every position (b, h, w) and for each student channel i with matched
     teacher channels ``groups[i]``:
         * ``"amp"``: absolute max pooling, Eq. 14-15: the matched value of largest
-          magnitude, sign kept.
+          magnitude, sign kept (on an exact tie between +v and -v, +v).
         * ``"rd"``: random drop, Eq. 13: the value of one matched channel drawn uniformly
           and independently for each image, channel and position.
         * ``"sm"``: sparse matching, Eq. 12: the single matched channel (needs groups of
@@ -242,8 +242,10 @@ def reduce_grouped(
     if alpha == 1:
         return grouped[:, :, 0]
     if method == "amp":
-        pick = grouped.abs().argmax(dim=2, keepdim=True)
-        return grouped.gather(2, pick).squeeze(2)
+        # The value of largest magnitude is the group's max or its min: two plain
+        # reductions are far cheaper than argmax(|x|) + gather over a middle dimension.
+        high, low = grouped.amax(dim=2), grouped.amin(dim=2)
+        return torch.where(high >= -low, high, low)
     if method == "rd":
         b, _, _, h, w = grouped.shape
         # Draw on the generator's device (a CPU generator may drive a GPU feature).

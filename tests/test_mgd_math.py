@@ -162,6 +162,8 @@ def test_amp_keeps_the_sign_of_the_largest_magnitude():
     out = mgd.reduce(t, ASSIGNMENT, 2, "amp").flatten().tolist()
     assert out == [-3.0, 2.0]
     assert mgd.reduce(t, ASSIGNMENT, 2, "max").flatten().tolist() == [0.5, 2.0]
+    t[0, [1, 4], 0, 0] = torch.tensor([-3.0, 3.0])   # an exact tie in magnitude: +v wins
+    assert mgd.reduce(t, ASSIGNMENT, 2, "amp").flatten().tolist() == [3.0, 2.0]
 
 
 def test_random_drop_picks_a_matched_channel_independently_per_position():
