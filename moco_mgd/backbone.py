@@ -20,6 +20,8 @@ from torchvision.models import resnet as tv_resnet
 
 __all__ = [
     "RESNET_ARCHS",
+    "STEMS",
+    "apply_small_stem",
     "build_resnet",
     "load_checkpoint_file",
     "backbone_state_dict",
@@ -38,11 +40,36 @@ _ENCODER_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", 
 _BACKBONE_PROBE = "conv1.weight"
 
 
-def build_resnet(arch: str, num_classes: int = 1000) -> nn.Module:
-    """A torchvision ResNet with random weights (never downloads anything)."""
+STEMS = ("imagenet", "small")
+
+
+def apply_small_stem(model: nn.Module) -> nn.Module:
+    """Replace the ImageNet stem (7x7/2 conv + 3x3/2 max-pool) by a 3x3/1 conv, no pool.
+
+    For 28-64 px images (CIFAR ResNets do the same): with the ImageNet stem a 32 px input
+    leaves 1x1 maps in the last stage, where channel matching has nothing spatial to
+    compare. Parameter names are unchanged (``conv1.weight`` only changes shape).
+    """
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_resnet(arch: str, num_classes: int = 1000, stem: str = "imagenet") -> nn.Module:
+    """A torchvision ResNet with random weights (never downloads anything).
+
+    Args:
+        arch: one of :data:`RESNET_ARCHS`.
+        num_classes: outputs of ``fc``.
+        stem: ``"imagenet"`` (torchvision's) or ``"small"`` (:func:`apply_small_stem`).
+    """
     if arch not in RESNET_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(RESNET_ARCHS)}")
-    return getattr(tv_resnet, arch)(weights=None, num_classes=num_classes)
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}: choose one of {STEMS}")
+    model = getattr(tv_resnet, arch)(weights=None, num_classes=num_classes)
+    return apply_small_stem(model) if stem == "small" else model
 
 
 def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Mapping:
@@ -135,14 +162,14 @@ def load_backbone_weights(model: nn.Module, arch: str, backbone: Mapping[str, to
     model.load_state_dict(dict(backbone), strict=False)
 
 
-def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike) -> nn.Module:
+def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike, stem: str = "imagenet") -> nn.Module:
     """The MGD teacher: a ResNet backbone from a MoCo-v2 (or torchvision) checkpoint.
 
     The head is dropped (``fc`` becomes identity): MGD reads intermediate features only.
     The returned model is in eval mode with ``requires_grad=False`` everywhere. Keep it out
     of DDP and call it under ``torch.no_grad()``.
     """
-    model = build_resnet(arch)
+    model = build_resnet(arch, stem=stem)
     checkpoint = load_checkpoint_file(checkpoint_path, what="teacher checkpoint")
     try:
         backbone, _, layout = backbone_state_dict(checkpoint)

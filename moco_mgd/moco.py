@@ -1,0 +1,199 @@
+"""MoCo (He et al., CVPR 2020) with the MoCo-v2 head: the query/key encoders and the queue.
+
+The algorithm and the state-dict layout are those of facebookresearch/moco ``moco/builder.py``
+(``encoder_q.*``, ``encoder_k.*``, ``queue``, ``queue_ptr``; ``module.``-prefixed under DDP),
+but nothing here assumes a GPU or a process group: tensors follow the inputs' device, and
+every collective goes through :mod:`moco_mgd.distributed`, which no-ops at world size 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco_mgd import distributed
+from moco_mgd.backbone import apply_small_stem, build_resnet
+
+__all__ = ["MoCo", "apply_small_stem"]
+
+
+def _mlp_head(fc: nn.Linear) -> nn.Sequential:
+    """MoCo-v2's projection head: ``fc.0`` (d x d), ReLU, ``fc.2`` (the original ``fc``)."""
+    d = fc.in_features
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), fc)
+
+
+class MoCo(nn.Module):
+    """Momentum Contrast: a query encoder, a momentum key encoder and a queue of negative keys.
+
+    ``forward(im_q, im_k)`` returns the InfoNCE ``(logits, labels)`` of one batch: the
+    positive logit of each query in column 0, then its logits against the ``K`` queued keys.
+
+    Shuffle BN. A key encoder that sees the same batch as the query encoder lets BatchNorm
+    statistics leak which key is the positive ("cheating" through intra-batch communication,
+    MoCo Sec. 3.3). Under a process group with more than one rank, the key batch is shuffled
+    across ranks as the official code does; each rank's BN then sees a random sub-batch of
+    the global batch, and every rank needs the same per-rank batch size. In ONE process (no
+    group, or world size 1) the substitute is split BN, as MoCo's single-GPU CIFAR demo: the
+    key batch is shuffled by a random permutation, ``encoder_k`` runs on ``shuffle_bn_splits``
+    chunks separately (each computes its own BN statistics, like one GPU of an 8-GPU run),
+    and the keys are put back in order. The number of chunks is clipped so that each holds
+    at least 2 images (train-mode BN needs more than one value per channel): fewer than 4
+    images means one chunk. ``encoder_k``'s BN running statistics are then updated once per
+    chunk; they are never used in training (the key encoder always runs in train mode there).
+    ``shuffle_bn_splits`` is ignored under a process group (there each rank is one split).
+
+    Randomness: one ``torch.randperm`` per forward (on every rank, on the images' device), so
+    the same seed gives bitwise-identical runs on CPU.
+
+    Args:
+        arch: a torchvision ResNet name (see :data:`moco_mgd.backbone.RESNET_ARCHS`).
+        dim: feature dimension of the keys and queries (``fc`` outputs).
+        K: queue size (negative keys); must be a multiple of the global batch size.
+        m: momentum of the key encoder's moving average.
+        T: softmax temperature.
+        mlp: MoCo-v2's 2-layer MLP head (``fc.0``/``fc.2``) instead of a linear ``fc``.
+        shuffle_bn_splits: BN splits of the key batch in one process (see above).
+        stem: ``"imagenet"`` (torchvision's stem) or ``"small"`` (:func:`apply_small_stem`,
+            for 28-64 px images).
+    """
+
+    def __init__(self, arch: str = "resnet50", dim: int = 128, K: int = 65536, m: float = 0.999,
+                 T: float = 0.07, mlp: bool = False, shuffle_bn_splits: int = 8, stem: str = "imagenet"):
+        super().__init__()
+        if K < 1 or dim < 1:
+            raise ValueError(f"K ({K}) and dim ({dim}) must be positive")
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"momentum m must be in [0, 1], got {m}")
+        if T <= 0:
+            raise ValueError(f"temperature T must be positive, got {T}")
+        if shuffle_bn_splits < 1:
+            raise ValueError(f"shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
+        self.K, self.m, self.T = K, m, T
+        self.shuffle_bn_splits = shuffle_bn_splits
+
+        # Both encoders are built (as the official code does) so the RNG is consumed the same way.
+        self.encoder_q = build_resnet(arch, num_classes=dim, stem=stem)
+        self.encoder_k = build_resnet(arch, num_classes=dim, stem=stem)
+        if mlp:
+            self.encoder_q.fc = _mlp_head(self.encoder_q.fc)
+            self.encoder_k.fc = _mlp_head(self.encoder_k.fc)
+        # The key encoder starts as the query encoder and is only ever updated by momentum.
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        self.encoder_k.requires_grad_(False)
+
+        # The queue holds L2-normalised keys as columns: queue: CxK.
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # ---- the key encoder is a moving average of the query encoder -----------------------
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """param_k = m * param_k + (1 - m) * param_q, over parameters (BN buffers are not averaged)."""
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            # Not add_(alpha=...): that may fuse into one FMA and differ from the formula in the last bit.
+            param_k.mul_(self.m).add_(param_q.detach() * (1.0 - self.m))
+
+    # ---- the dictionary is a queue of the most recent keys of all ranks ----------------
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest ``global batch`` keys by ``keys`` of every rank, in rank order."""
+        keys = distributed.all_gather_cat(keys)  # keys: (world*N)xC, identical on every rank
+        batch_size = keys.shape[0]
+        if self.K % batch_size:
+            raise ValueError(f"the queue size K={self.K} must be divisible by the global batch size "
+                             f"{batch_size}: the queue is filled in whole batches")
+        ptr = int(self.queue_ptr)
+        # Whole batches and K % batch == 0, so a batch never straddles the end of the queue.
+        self.queue[:, ptr:ptr + batch_size] = keys.T  # queue[:, ptr:ptr+B]: CxB
+        self.queue_ptr[0] = (ptr + batch_size) % self.K
+
+    # ---- shuffle BN across ranks (the official code) ------------------------------------
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give this rank a random slice of the global batch. Returns ``(x_slice, idx_unshuffle)``.
+
+        Every rank must pass the same number of images.
+        """
+        batch_size_this = x.shape[0]
+        x_gather = distributed.all_gather_cat(x)  # x_gather: (world*N)x...
+        batch_size_all = x_gather.shape[0]
+        num_ranks = batch_size_all // batch_size_this
+
+        # Every rank draws (keeping the RNG streams of all ranks in step); rank 0's draw wins.
+        idx_shuffle = torch.randperm(batch_size_all, device=x.device)
+        distributed.broadcast(idx_shuffle, src=0)
+        idx_unshuffle = torch.argsort(idx_shuffle)
+
+        idx_this = idx_shuffle.view(num_ranks, -1)[distributed.get_rank()]
+        return x_gather[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`_batch_shuffle_ddp`: this rank gets back the rows of its own images."""
+        batch_size_this = x.shape[0]
+        x_gather = distributed.all_gather_cat(x)  # x_gather: (world*N)xC, in shuffled order
+        num_ranks = x_gather.shape[0] // batch_size_this
+        idx_this = idx_unshuffle.view(num_ranks, -1)[distributed.get_rank()]
+        return x_gather[idx_this]
+
+    # ---- its one-process substitute: split BN on a shuffled batch -----------------------
+    def _num_bn_splits(self, batch_size: int) -> int:
+        """``shuffle_bn_splits`` clipped so that every chunk has at least 2 images."""
+        return max(1, min(self.shuffle_bn_splits, batch_size // 2))
+
+    @torch.no_grad()
+    def _batch_shuffle_single(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shuffle the batch so that each BN split is a random subset. Returns ``(x, idx_unshuffle)``."""
+        idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+        return x[idx_shuffle], torch.argsort(idx_shuffle)
+
+    @torch.no_grad()
+    def _batch_unshuffle_single(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+        return x[idx_unshuffle]
+
+    @torch.no_grad()
+    def _split_bn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``encoder_k`` on chunks of the batch, each with its own BN statistics."""
+        # tensor_split (not chunk): exactly n chunks whose sizes differ by at most one, so
+        # every chunk has >= batch // n >= 2 images.
+        chunks = x.tensor_split(self._num_bn_splits(x.shape[0]))
+        return torch.cat([self.encoder_k(c) for c in chunks])  # NxC
+
+    @torch.no_grad()
+    def _compute_keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Normalised keys of ``im_k`` under shuffle BN (or its one-process substitute): NxC."""
+        if distributed.is_distributed():
+            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
+            k = F.normalize(self.encoder_k(im_k), dim=1)  # k: NxC, rows in shuffled order
+            return self._batch_unshuffle_ddp(k, idx_unshuffle)
+        im_k, idx_unshuffle = self._batch_shuffle_single(im_k)
+        k = F.normalize(self._split_bn_forward(im_k), dim=1)  # k: NxC, rows in shuffled order
+        return self._batch_unshuffle_single(k, idx_unshuffle)
+
+    # ---- InfoNCE logits -----------------------------------------------------------------
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: two augmented views (NxCxHxW each). Returns ``(logits, labels)``.
+
+        ``logits``: Nx(1+K), already divided by ``T``; ``labels``: N zeros (the positive is
+        column 0), for ``nn.CrossEntropyLoss``. Also updates the key encoder and the queue.
+        """
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # q: NxC
+
+        with torch.no_grad():  # no gradient to the keys: the key encoder is not trained by SGD
+            # Update before computing keys (as the official code): this step's keys come from
+            # the slowly moving encoder that already includes the last SGD step.
+            self._momentum_update_key_encoder()
+            k = self._compute_keys(im_k)  # k: NxC
+
+        # positive logits: Nx1
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        # negative logits: NxK. The clone keeps autograd from saving the queue buffer itself,
+        # which the enqueue below overwrites in place before backward runs.
+        l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # logits: Nx(1+K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives: column 0
+
+        self._dequeue_and_enqueue(k)
+        return logits, labels

@@ -1,0 +1,291 @@
+"""MoCo: queue, momentum encoder, logits, shuffle BN (one process and a real 2-rank gloo group)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco_mgd.backbone import build_resnet
+from moco_mgd.moco import MoCo, apply_small_stem
+from tests.helpers import run_distributed
+
+ARCH, DIM, K, SIZE = "resnet18", 16, 32, 32
+
+
+def _moco(seed: int = 0, **kwargs) -> MoCo:
+    torch.manual_seed(seed)
+    kwargs = {"dim": DIM, "K": K, **kwargs}
+    return MoCo(ARCH, **kwargs)
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def shared_model() -> MoCo:
+    """One model for the checks that only read attributes (building two ResNets takes time)."""
+    return _moco()
+
+
+# ---- the queue ---------------------------------------------------------------------------
+
+def test_queue_wraps_around():
+    model = _moco(dim=4, K=12)
+    batches = [torch.arange(16, dtype=torch.float32).view(4, 4) + 100 * i for i in range(4)]
+    pointers = []
+    for keys in batches:
+        model._dequeue_and_enqueue(keys)
+        pointers.append(int(model.queue_ptr))
+    assert pointers == [4, 8, 0, 4]
+    assert model.queue_ptr.dtype == torch.long and model.queue_ptr.shape == (1,)
+    # The 4th batch overwrote the 1st; the 2nd and 3rd stay where they were written.
+    assert torch.equal(model.queue[:, 0:4], batches[3].T)
+    assert torch.equal(model.queue[:, 4:8], batches[1].T)
+    assert torch.equal(model.queue[:, 8:12], batches[2].T)
+
+
+def test_queue_size_not_divisible_by_batch_raises():
+    model = _moco(dim=4, K=10)
+    queue = model.queue.clone()
+    with pytest.raises(ValueError, match=r"K=10 must be divisible by the global batch size 4"):
+        model._dequeue_and_enqueue(torch.ones(4, 4))
+    assert int(model.queue_ptr) == 0 and torch.equal(model.queue, queue)
+
+
+def test_initial_state_follows_official_layout():
+    model = _moco()
+    assert model.queue.shape == (DIM, K)
+    torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(K))
+    assert model.queue_ptr.tolist() == [0]
+    q_state, k_state = model.encoder_q.state_dict(), model.encoder_k.state_dict()
+    assert all(torch.equal(q_state[name], k_state[name]) for name in q_state)
+    assert all(not p.requires_grad for p in model.encoder_k.parameters())
+    assert all(p.requires_grad for p in model.encoder_q.parameters())
+
+
+# ---- the momentum encoder and the logits --------------------------------------------------
+
+def test_momentum_update_is_exact():
+    m = 0.9
+    model = _moco(m=m)
+    with torch.no_grad():  # make the key encoder differ from the query encoder
+        for p in model.encoder_k.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    old_k = [p.detach().clone() for p in model.encoder_k.parameters()]
+    q = [p.detach().clone() for p in model.encoder_q.parameters()]
+    model(_images(4, 1), _images(4, 2))
+    for p_k, k0, q0 in zip(model.encoder_k.parameters(), old_k, q):
+        torch.testing.assert_close(p_k.detach(), m * k0 + (1 - m) * q0, rtol=1e-6, atol=1e-8)
+    for p_q, q0 in zip(model.encoder_q.parameters(), q):
+        assert torch.equal(p_q.detach(), q0)
+
+
+def test_logits_labels_and_enqueued_keys():
+    model = _moco(T=0.2).eval()  # eval: no BN batch effects, so keys can be recomputed by hand
+    im_q, im_k = _images(4, 1), _images(4, 2)
+    queue = model.queue.clone()
+    logits, labels = model(im_q, im_k)
+    assert logits.shape == (4, 1 + K)
+    assert labels.shape == (4,) and labels.dtype == torch.long and not labels.any()
+    with torch.no_grad():
+        q = F.normalize(model.encoder_q(im_q), dim=1)
+        k = F.normalize(model.encoder_k(im_k), dim=1)  # encoder_k already momentum-updated
+    torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / 0.2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[:, 1:], q @ queue / 0.2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.queue[:, :4], k.T, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.queue[:, 4:], queue[:, 4:])
+    assert int(model.queue_ptr) == 4
+
+
+def test_key_encoder_gets_no_gradient():
+    model = _moco().train()
+    logits, labels = model(_images(4, 1), _images(4, 2))
+    nn.CrossEntropyLoss()(logits, labels).backward()
+    for name, p in model.encoder_k.named_parameters():
+        assert p.grad is None and not p.requires_grad, name
+    for name, p in model.encoder_q.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert not model.queue.requires_grad
+
+
+def test_same_seed_gives_bitwise_identical_runs():
+    def run():
+        model = _moco(shuffle_bn_splits=2).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        outputs = []
+        for step in range(2):
+            logits, labels = model(_images(4, 10 + step), _images(4, 20 + step))
+            optimizer.zero_grad()
+            nn.CrossEntropyLoss()(logits, labels).backward()
+            optimizer.step()
+            outputs.append(logits.detach())
+        return outputs, model.state_dict()
+
+    (out_a, state_a), (out_b, state_b) = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[n], state_b[n]) for n in state_a)
+
+
+# ---- structure: MLP head, small stem -------------------------------------------------------
+
+def test_mlp_head_and_state_dict_keys():
+    model = _moco(mlp=True)
+    state = model.state_dict()
+    assert state["encoder_q.fc.0.weight"].shape == (512, 512)
+    assert state["encoder_q.fc.2.weight"].shape == (DIM, 512)
+    assert "encoder_k.fc.0.weight" in state and "encoder_k.fc.2.bias" in state
+    assert "encoder_q.fc.weight" not in state
+    expected = ({f"encoder_q.{n}" for n in model.encoder_q.state_dict()}
+                | {f"encoder_k.{n}" for n in model.encoder_k.state_dict()} | {"queue", "queue_ptr"})
+    assert set(state) == expected
+    assert all(n.startswith(("encoder_q.", "encoder_k.")) or n in ("queue", "queue_ptr") for n in state)
+    assert torch.equal(state["encoder_q.fc.0.weight"], state["encoder_k.fc.0.weight"])
+
+
+def test_small_stem():
+    small, imagenet = _moco(stem="small"), _moco()
+    for enc in (small.encoder_q, small.encoder_k):
+        assert enc.conv1.kernel_size == (3, 3) and enc.conv1.stride == (1, 1)
+        assert enc.conv1.padding == (1, 1) and enc.conv1.bias is None
+        assert enc.conv1.out_channels == 64 and isinstance(enc.maxpool, nn.Identity)
+    assert [n for n, _ in small.named_parameters()] == [n for n, _ in imagenet.named_parameters()]
+    assert small.state_dict().keys() == imagenet.state_dict().keys()
+
+    def layer4_shape(encoder):
+        shapes = []
+        handle = encoder.layer4.register_forward_hook(lambda mod, inp, out: shapes.append(out.shape))
+        with torch.no_grad():
+            encoder.eval()(_images(1, 0))
+        handle.remove()
+        return tuple(shapes[0])
+
+    assert layer4_shape(small.encoder_q) == (1, 512, 4, 4)
+    assert layer4_shape(imagenet.encoder_q) == (1, 512, 1, 1)
+    # The public function gives other code (teacher, linear eval) the same stem.
+    plain = build_resnet(ARCH)
+    names = [n for n, _ in plain.named_parameters()]
+    assert apply_small_stem(plain) is plain
+    assert [n for n, _ in plain.named_parameters()] == names
+    assert plain.conv1.kernel_size == (3, 3) and isinstance(plain.maxpool, nn.Identity)
+
+
+# ---- shuffle BN in one process: split BN on a shuffled batch -------------------------------
+
+@pytest.mark.parametrize("splits, batch, expected", [
+    (8, 256, 8), (8, 16, 8), (8, 8, 4), (8, 9, 4), (8, 7, 3), (8, 4, 2), (8, 3, 1), (8, 2, 1),
+    (8, 1, 1), (1, 256, 1),
+])
+def test_number_of_bn_splits_is_clipped(splits, batch, expected, shared_model):
+    shared_model.shuffle_bn_splits = splits
+    assert shared_model._num_bn_splits(batch) == expected
+
+
+@pytest.mark.parametrize("batch, chunk_sizes", [(7, [3, 2, 2]), (3, [3])])
+def test_every_bn_chunk_has_at_least_two_images(batch, chunk_sizes):
+    model = _moco(shuffle_bn_splits=8, K=batch * 2).train()
+    seen = []
+    model.encoder_k.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    model(_images(batch, 1), _images(batch, 2))  # train-mode BN would raise on a 1-image chunk
+    assert seen == chunk_sizes
+
+
+def test_split_bn_keys_equal_encoder_on_each_chunk_of_the_permuted_batch():
+    model = _moco(shuffle_bn_splits=4).train()
+    im_k = _images(8, 3)
+    torch.manual_seed(123)
+    keys = model._compute_keys(im_k)
+
+    torch.manual_seed(123)
+    perm = torch.randperm(8)  # the one random draw of the helper
+    with torch.no_grad():
+        chunks = [model.encoder_k(c) for c in im_k[perm].tensor_split(4)]  # 4 chunks of 2
+        expected = F.normalize(torch.cat(chunks), dim=1)[torch.argsort(perm)]
+        full_batch = F.normalize(model.encoder_k(im_k), dim=1)
+    torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-6)
+    # Split BN does change the keys (each chunk has its own statistics).
+    assert not torch.allclose(keys, full_batch, atol=1e-3)
+
+
+def test_single_process_shuffle_is_undone():
+    model = _moco(shuffle_bn_splits=4)
+    x = _images(8, 4)
+    shuffled, idx_unshuffle = model._batch_shuffle_single(x)
+    assert not torch.equal(shuffled, x)
+    assert torch.equal(model._batch_unshuffle_single(shuffled, idx_unshuffle), x)
+    # With encoder_k in eval mode BN has no batch effects: the keys come back in input order.
+    model.eval()
+    with torch.no_grad():
+        expected = F.normalize(model.encoder_k(x), dim=1)
+    torch.testing.assert_close(model._compute_keys(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- a real 2-process gloo group ----------------------------------------------------------
+
+def _distributed_checks(rank: int, world_size: int, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    n = 4  # images per rank; the global batch is 8
+    model = _moco(seed=0, K=16).train()  # same seed: the same model on every rank
+    result = {"queue_init": model.queue.clone()}
+
+    # (a) shuffle BN across ranks. Different RNG states per rank: only rank 0's permutation
+    # must count (it is broadcast).
+    x = _images(n, 100 + rank)
+    torch.manual_seed(1000 + rank)
+    shuffled, idx_unshuffle = model._batch_shuffle_ddp(x)
+    result.update(x=x, shuffled=shuffled, idx_unshuffle=idx_unshuffle,
+                  restored=model._batch_unshuffle_ddp(shuffled, idx_unshuffle))
+
+    # (b) + (c) one training step of MoCo wrapped in DDP.
+    ddp = DistributedDataParallel(model)
+    recorded = []
+    enqueue = model._dequeue_and_enqueue
+    model._dequeue_and_enqueue = lambda keys: (recorded.append(keys.clone()), enqueue(keys))[1]
+    logits, labels = ddp(_images(n, 10 + rank), _images(n, 20 + rank))
+    nn.CrossEntropyLoss()(logits, labels).backward()
+    result.update(keys=recorded[0], queue=model.queue.clone(), queue_ptr=int(model.queue_ptr),
+                  grads={name: p.grad.clone() for name, p in model.encoder_q.named_parameters()},
+                  k_grads_none=all(p.grad is None for p in model.encoder_k.parameters()))
+
+    # Cross-rank unshuffle puts keys back in each rank's own order (eval: no BN batch effects).
+    # Through DDP, which first broadcasts rank 0's buffers: the train step above left each rank
+    # with its own BN running statistics, and shuffled keys are computed on another rank.
+    ddp.eval()
+    im_k = _images(n, 30 + rank)
+    with torch.no_grad():
+        ddp(_images(n, 40 + rank), im_k)
+        result.update(keys_eval=recorded[1], keys_expected=F.normalize(model.encoder_k(im_k), dim=1))
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+
+
+def test_two_process_shuffle_bn_queue_and_ddp_gradients(tmp_path):
+    run_distributed(_distributed_checks, 2, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+    # (a) shuffle / unshuffle: one permutation for both ranks, each rank holds its slice of
+    # the permuted global batch, and unshuffle gives each rank back its own rows exactly.
+    assert torch.equal(r0["idx_unshuffle"], r1["idx_unshuffle"])
+    perm = torch.argsort(r0["idx_unshuffle"])
+    global_batch = torch.cat([r0["x"], r1["x"]])
+    assert torch.equal(torch.cat([r0["shuffled"], r1["shuffled"]]), global_batch[perm])
+    for r in (r0, r1):
+        assert torch.equal(r["restored"], r["x"])
+
+    # (b) the queue holds rank 0's keys, then rank 1's, identically on both ranks.
+    assert torch.equal(r0["queue"], r1["queue"])
+    assert torch.equal(r0["queue"][:, :8], torch.cat([r0["keys"], r1["keys"]]).T)
+    assert torch.equal(r0["queue"][:, 8:], r0["queue_init"][:, 8:])
+    assert r0["queue_ptr"] == r1["queue_ptr"] == 8
+    assert not torch.equal(r0["keys"], r1["keys"])
+
+    # (c) DDP averaged the query encoder's gradients; the key encoder got none.
+    assert r0["grads"].keys() == r1["grads"].keys()
+    for name in r0["grads"]:
+        assert torch.equal(r0["grads"][name], r1["grads"][name]), name
+    assert r0["k_grads_none"] and r1["k_grads_none"]
+
+    for r in (r0, r1):
+        torch.testing.assert_close(r["keys_eval"], r["keys_expected"], rtol=1e-5, atol=1e-6)
