@@ -72,3 +72,23 @@ def run_distributed(fn, world_size: int = 2, *args) -> None:
     ``fn`` must be a module-level function; it reports results through files.
     """
     mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def make_image_folder(root, splits=("train",), classes=2, per_class=8, size=40, seed=0):
+    """ImageNet-style folders ``root/SPLIT/CLASS/*.png`` of small random images.
+
+    Each class has its own mean colour, so a classifier can tell them apart.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            base = rng.integers(0, 256, size=3)
+            for i in range(per_class):
+                pixels = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"img{i}.png"))
+    return root

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""MoCo-v2 pretraining with Matching Guided Distillation: a drop-in for MoCo's main_moco.py.
+
+Same flags and defaults as facebookresearch/moco's main_moco.py, plus the MGD flags. Without
+--teacher-checkpoint (or with --no-mgd) it is plain MoCo, which is also how to train a teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from moco_mgd.backbone import RESNET_ARCHS, STEMS
+from moco_mgd.launch import launch, launched_by_torchrun, procs_per_node
+from moco_mgd.pretrain import PretrainConfig, pretrain, validate
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MoCo-v2 + MGD pretraining", add_help=add_help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    moco = parser.add_argument_group("MoCo (same names and defaults as main_moco.py)")
+    moco.add_argument("data", metavar="DIR", nargs="?", default="",
+                      help="dataset root: reads DIR/train (image folders); for fashion-mnist the IDX directory "
+                           "(default: Debian's /usr/share/datasets/fashion-mnist)")
+    moco.add_argument("-a", "--arch", default="resnet18", choices=RESNET_ARCHS,
+                      help="student architecture (MoCo's default is resnet50: pass it to train a teacher)")
+    moco.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per process")
+    moco.add_argument("--epochs", default=200, type=int)
+    moco.add_argument("--start-epoch", default=0, type=int, help="manual epoch number (useful on restarts)")
+    moco.add_argument("-b", "--batch-size", default=256, type=int,
+                      help="total batch size of all the processes (GPUs) of one node")
+    moco.add_argument("--lr", "--learning-rate", default=0.03, type=float, dest="lr")
+    moco.add_argument("--schedule", default=[120, 160], nargs="*", type=int,
+                      help="epochs at which lr drops x0.1 (ignored with --cos)")
+    moco.add_argument("--momentum", default=0.9, type=float)
+    moco.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
+    moco.add_argument("-p", "--print-freq", default=10, type=int)
+    moco.add_argument("--resume", default="", type=str, help="checkpoint to resume from (default: the newest "
+                      "complete checkpoint in --output-dir, if any)")
+    moco.add_argument("--world-size", default=-1, type=int, help="number of nodes")
+    moco.add_argument("--rank", default=-1, type=int, help="node rank")
+    moco.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
+                      help="rendezvous address; env:// under torchrun")
+    moco.add_argument("--dist-backend", default="nccl", type=str, help="nccl on GPU (gloo is used on CPU)")
+    moco.add_argument("--seed", default=None, type=int)
+    moco.add_argument("--gpu", default=None, type=int, help="GPU of a single-process run")
+    moco.add_argument("--multiprocessing-distributed", action="store_true",
+                      help="one process per GPU of this node, as MoCo")
+    moco.add_argument("--moco-dim", default=128, type=int)
+    moco.add_argument("--moco-k", default=65536, type=int, help="queue size: a multiple of the global batch")
+    moco.add_argument("--moco-m", default=0.999, type=float)
+    moco.add_argument("--moco-t", default=0.07, type=float)
+    moco.add_argument("--mlp", action="store_true", help="MoCo-v2 MLP head")
+    moco.add_argument("--aug-plus", action="store_true", help="MoCo-v2 augmentations (blur)")
+    moco.add_argument("--cos", action="store_true", help="cosine learning-rate schedule")
+
+    mgd = parser.add_argument_group("Matching Guided Distillation")
+    mgd.add_argument("--teacher-arch", default="resnet50", choices=RESNET_ARCHS)
+    mgd.add_argument("--teacher-checkpoint", default="", help="MoCo-v2 checkpoint of the teacher "
+                     "(e.g. moco_v2_200ep_pretrain.pth.tar); none: plain MoCo-v2")
+    mgd.add_argument("--mgd-reducer", default="amp", choices=["amp", "rd", "sm", "max", "avg"],
+                     help="teacher channel reduction: absolute max pooling, random drop, sparse matching, max, avg")
+    mgd.add_argument("--mgd-loss-factor", default=1e4, type=float, help="MGD loss is divided by batch x this")
+    mgd.add_argument("--mgd-schedule", default="authors",
+                     help="epochs after which to re-match: 'authors' (0,1,2,3,6,9,15,26,43,74,126), 'every:N', "
+                          "or a list like 0,1,2; 0 is before training")
+    mgd.add_argument("--mgd-samples", default=20000, type=int, help="training images per matching update")
+    mgd.add_argument("--no-mgd", dest="mgd", action="store_false", help="plain MoCo-v2 even with a teacher")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", default=".", help="checkpoints, log.txt and metrics.jsonl go here")
+    run.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist"])
+    run.add_argument("--image-size", default=224, type=int, help="crop size (e.g. 32-64 for Fashion-MNIST)")
+    run.add_argument("--stem", default="imagenet", choices=STEMS,
+                     help="'small': 3x3 stride-1 conv without max-pool, for 28-64 px images (teacher too)")
+    run.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                     help="autocast precision; auto = bf16 on GPU, off on CPU")
+    run.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
+                     help="channels_last memory format (default: on GPU)")
+    run.add_argument("--nproc-per-node", default=None, type=int,
+                     help="processes per node with --multiprocessing-distributed (default: one per GPU; "
+                          "needed on CPU)")
+    run.add_argument("--shuffle-bn-splits", default=8, type=int,
+                     help="in a single process, the key encoder's BN runs on this many shuffled sub-batches")
+    run.add_argument("--keep-checkpoints", default=2, type=int, help="keep the newest N checkpoints (0: all)")
+    run.add_argument("--max-skipped-images", default=100, type=int,
+                     help="stop when more unreadable images than this were skipped (per loader process)")
+    run.add_argument("--wandb-project", default="", help="also log to this wandb project")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    fields = PretrainConfig.__dataclass_fields__
+    return PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
+    try:
+        if launched_by_torchrun():
+            world = int(os.environ["WORLD_SIZE"])
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        elif args.multiprocessing_distributed:
+            local = procs_per_node(args.nproc_per_node)
+            world = nodes * local
+        else:
+            world, local = nodes, 1
+        validate(config, world, local)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        parser.exit(2, f"main_moco_mgd.py: error: {exc}\n")
+    launch(pretrain, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
+           rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
+           nproc_per_node=args.nproc_per_node, gpu=args.gpu)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Checkpoints: atomic, in MoCo's layout, plain data only, and found again after a crash.
+
+A pretraining checkpoint is a dict of tensors, numbers, strings, lists and dicts (so it
+loads with ``torch.load(weights_only=True)``):
+
+    epoch        the next epoch to run (as MoCo)
+    arch         the student architecture
+    state_dict   ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue``,
+                 ``module.queue_ptr``: what MoCo's main_lincls.py and its detectron2
+                 converter read
+    optimizer    the optimizer's state dict
+    mgd          the distiller's state dict (assignments, margins, student BNs), or None
+    scaler       the GradScaler's state dict
+    rng          torch / CUDA / numpy / python RNG states
+    config       the run's configuration as a plain dict
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "checkpoint_path",
+    "save_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "with_module_prefix",
+]
+
+logger = logging.getLogger(__name__)
+_NAME = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
+
+
+def checkpoint_path(output_dir: str | os.PathLike, epoch: int) -> Path:
+    """MoCo's name for the checkpoint written after ``epoch`` epochs."""
+    return Path(output_dir) / f"checkpoint_{epoch:04d}.pth.tar"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: Mapping, path: str | os.PathLike, keep: int = 0) -> Path:
+    """Write ``state`` to ``path`` atomically, then prune older checkpoints.
+
+    The file is written under a temporary name in the same directory, flushed to disk and
+    renamed: a kill at any moment leaves either the previous checkpoint set or the new
+    one, never a truncated file under a checkpoint name.
+
+    Args:
+        state: plain data (see the module docstring).
+        path: destination, normally :func:`checkpoint_path`.
+        keep: keep only the newest ``keep`` checkpoints of the directory (0: keep all).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    if keep > 0:
+        for old in list_checkpoints(path.parent)[:-keep]:
+            if old != path:
+                old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints of ``output_dir``, oldest first (by epoch number)."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``output_dir`` that loads, or None.
+
+    Temporary files of an interrupted write never match. A file that does not load (a
+    disk error, a copy cut short by hand) is skipped with a warning, and the one before
+    it is used.
+    """
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+            logger.warning("skipping unreadable checkpoint %s (%s)", path, exc)
+            continue
+        return path
+    return None
+
+
+def rng_state() -> dict:
+    """Every RNG this training touches, as plain data."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"algorithm": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def with_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MoCo's keys as DDP writes them (``module.encoder_q...``), whatever the wrapping."""
+    return {(k if k.startswith("module.") else f"module.{k}"): v.detach().cpu() if isinstance(v, torch.Tensor) else v
+            for k, v in state_dict.items()}

@@ -1,0 +1,111 @@
+"""Starting the processes of a run: one process, MoCo's mp.spawn, torchrun (and SLURM).
+
+Every launch mode ends in the same call, ``worker(config, env)`` with a :class:`DistEnv`
+describing this process, so there is one training code path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "launch", "init_process_group"]
+
+logger = logging.getLogger("moco_mgd")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def procs_per_node(nproc_per_node: int | None) -> int:
+    """Processes per node for ``--multiprocessing-distributed``: one per GPU, as MoCo."""
+    if nproc_per_node:
+        return nproc_per_node
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    raise ValueError("--multiprocessing-distributed starts one process per GPU and this machine has "
+                     "none: pass --nproc-per-node N to run N CPU processes (gloo), or drop the flag")
+
+
+def _device_for(local_rank: int, gpu: int | None) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = gpu if gpu is not None else local_rank
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_process_group(backend: str, init_method: str, world_size: int, rank: int,
+                       device: torch.device) -> None:
+    """Join the run's process group; gloo on CPU whatever ``backend`` says (NCCL needs GPUs)."""
+    if device.type != "cuda" and backend == "nccl":
+        backend = "gloo"
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank, **kwargs)
+
+
+def _spawned(local_rank: int, worker: Callable, config, nprocs: int, nodes: int, node_rank: int,
+             dist_url: str, dist_backend: str) -> None:
+    rank = node_rank * nprocs + local_rank
+    device = _device_for(local_rank, None)
+    init_process_group(dist_backend, dist_url, nodes * nprocs, rank, device)
+    try:
+        worker(config, DistEnv(rank, nodes * nprocs, local_rank, nprocs, device))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(worker: Callable, config, *, dist_url: str, dist_backend: str, world_size: int, rank: int,
+           multiprocessing_distributed: bool, nproc_per_node: int | None = None, gpu: int | None = None) -> None:
+    """Run ``worker(config, env)`` in the processes the flags ask for.
+
+    * ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set): one process each, group
+      from the environment (``--dist-url env://``).
+    * ``--multiprocessing-distributed``: MoCo's mode; ``world_size`` and ``rank`` count
+      *nodes*; this node spawns one process per GPU (or ``nproc_per_node`` CPU processes).
+    * ``world_size > 1`` without it: one process per node, rank ``rank``.
+    * otherwise: a single process and no process group, on ``--gpu`` / the first GPU, or CPU.
+    """
+    if launched_by_torchrun():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = _device_for(local_rank, None)
+        init_process_group(dist_backend, "env://", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), device)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        try:
+            worker(config, DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device))
+        finally:
+            dist.destroy_process_group()
+    elif multiprocessing_distributed:
+        nprocs = procs_per_node(nproc_per_node)
+        mp.spawn(_spawned, nprocs=nprocs, join=True,
+                 args=(worker, config, nprocs, world_size, rank, dist_url, dist_backend))
+    elif world_size > 1:
+        device = _device_for(0, gpu)
+        init_process_group(dist_backend, dist_url, world_size, rank, device)
+        try:
+            worker(config, DistEnv(rank, world_size, 0, 1, device))
+        finally:
+            dist.destroy_process_group()
+    else:
+        worker(config, DistEnv(device=_device_for(0, gpu)))

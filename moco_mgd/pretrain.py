@@ -1,0 +1,268 @@
+"""MoCo-v2 pretraining with optional MGD: configuration, checks, and the per-process run.
+
+``main_moco_mgd.py`` parses the command line into a :class:`PretrainConfig`, calls
+:func:`validate` (every bad input fails here, before any process starts or any file is
+written), then launches :func:`pretrain` in each process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from moco_mgd import checkpoint as ckpt
+from moco_mgd.backbone import load_checkpoint_file, load_frozen_teacher
+from moco_mgd.data import TwoCropsTransform, build_dataset, eval_transform, matching_subset, pretrain_transform
+from moco_mgd.distiller import MGDistiller
+from moco_mgd.engine import (MGDTraining, NonFiniteLossError, learning_rate, matching_epochs,
+                             run_matching_update, set_learning_rate, train_one_epoch)
+from moco_mgd.launch import DistEnv
+from moco_mgd.logs import MetricsLog, setup_logging
+from moco_mgd.moco import MoCo
+from moco_mgd.taps import FeatureTaps
+
+__all__ = ["PretrainConfig", "validate", "pretrain", "per_process_batch"]
+
+logger = logging.getLogger("moco_mgd")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run depends on; stored in every checkpoint as a plain dict."""
+
+    data: str = ""
+    dataset: str = "imagefolder"
+    arch: str = "resnet18"
+    workers: int = 32
+    epochs: int = 200
+    start_epoch: int = 0
+    batch_size: int = 256
+    lr: float = 0.03
+    schedule: list[int] = field(default_factory=lambda: [120, 160])
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    print_freq: int = 10
+    resume: str = ""
+    seed: int | None = None
+    moco_dim: int = 128
+    moco_k: int = 65536
+    moco_m: float = 0.999
+    moco_t: float = 0.07
+    mlp: bool = False
+    aug_plus: bool = False
+    cos: bool = False
+    image_size: int = 224
+    stem: str = "imagenet"
+    shuffle_bn_splits: int = 8
+    teacher_arch: str = "resnet50"
+    teacher_checkpoint: str = ""
+    mgd: bool = True
+    mgd_reducer: str = "amp"
+    mgd_loss_factor: float = 1e4
+    mgd_schedule: str = "authors"
+    mgd_samples: int = 20000
+    output_dir: str = "."
+    amp: str = "auto"
+    channels_last: bool | None = None
+    keep_checkpoints: int = 2
+    max_skipped_images: int = 100
+    wandb_project: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def use_mgd(self) -> bool:
+        return self.mgd and bool(self.teacher_checkpoint)
+
+
+def per_process_batch(batch_size: int, local_world_size: int) -> int:
+    """``-b`` is the batch of a whole node, as in MoCo; each of its processes takes a share."""
+    return batch_size // local_world_size
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"output directory {str(directory)!r} is not writable ({exc.strerror}): "
+                              f"pass --output-dir to a directory you can write to") from None
+
+
+def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> None:
+    """Refuse a run that cannot work, before anything starts. Raises with the fix in the message."""
+    if local_world_size > config.batch_size:
+        raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
+                         f"of a node: each process needs at least one image")
+    global_batch = per_process_batch(config.batch_size, local_world_size) * world_size
+    if config.moco_k % global_batch:
+        raise ValueError(f"--moco-k {config.moco_k} is not divisible by the global batch size {global_batch} "
+                         f"({world_size} processes x {global_batch // world_size}): the queue is filled in whole "
+                         f"batches; choose K as a multiple of {global_batch}")
+    if config.mgd_reducer not in ("amp", "rd", "sm", "max", "avg"):
+        raise ValueError(f"unknown --mgd-reducer {config.mgd_reducer!r}: choose amp, rd, sm, max or avg")
+    matching_epochs(config.mgd_schedule, config.epochs)
+    if config.use_mgd and config.mgd_samples < 1:
+        raise ValueError(f"--mgd-samples {config.mgd_samples}: the matching needs at least one image "
+                         f"(the authors use 20000)")
+    build_dataset(config.dataset, config.data, "train")
+    _check_writable(Path(config.output_dir))
+    if config.mgd and config.teacher_checkpoint:
+        teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem)
+        MGDistiller.from_models(teacher, MoCo(config.arch, dim=config.moco_dim, K=global_batch,
+                                              stem=config.stem).encoder_q)
+    resume = config.resume or ckpt.latest_checkpoint(config.output_dir)
+    if resume:
+        check_resume(load_checkpoint_file(resume, "--resume checkpoint"), config, str(resume))
+
+
+def check_resume(checkpoint, config: PretrainConfig, path: str) -> None:
+    """A checkpoint must come from a run of the same student (and teacher, with MGD on)."""
+    saved = checkpoint.get("config") or {}
+    differences = []
+    if checkpoint.get("arch") != config.arch:
+        differences.append(f"student -a {checkpoint.get('arch')!r} vs {config.arch!r}")
+    for key in ("moco_dim", "moco_k", "mlp", "stem"):
+        if key in saved and saved[key] != getattr(config, key):
+            differences.append(f"{key} {saved[key]!r} vs {getattr(config, key)!r}")
+    if config.use_mgd:
+        if checkpoint.get("mgd") is None:
+            differences.append("it comes from a run without MGD while MGD is on (pass --no-mgd, or start a new "
+                               "--output-dir)")
+        else:
+            for key in ("teacher_arch", "mgd_reducer"):
+                if key in saved and saved[key] != getattr(config, key):
+                    differences.append(f"{key} {saved[key]!r} vs {getattr(config, key)!r}")
+    if differences:
+        raise ValueError(f"cannot resume from {path}: " + "; ".join(differences))
+
+
+def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "auto" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, workers: int, seed: int, drop_last: bool):
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle,
+                                 seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=env.device.type == "cuda", drop_last=drop_last,
+                      persistent_workers=workers > 0)
+
+
+def pretrain(config: PretrainConfig, env: DistEnv) -> None:
+    """The run of one process (all launch modes end here)."""
+    output_dir = Path(config.output_dir)
+    setup_logging(output_dir, env.rank)
+    seed = config.seed if config.seed is not None else 0
+    if config.seed is not None:
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+    device = env.device
+    autocast_dtype = _autocast_dtype(config.amp, device)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    batch = per_process_batch(config.batch_size, env.local_world_size)
+
+    model = MoCo(config.arch, config.moco_dim, config.moco_k, config.moco_m, config.moco_t, config.mlp,
+                 shuffle_bn_splits=config.shuffle_bn_splits, stem=config.stem).to(device, memory_format=memory_format)
+    mgd = None
+    if config.use_mgd:
+        teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem)
+        teacher = teacher.to(device, memory_format=memory_format)
+        distiller = MGDistiller.from_models(teacher, model.encoder_q, reducer=config.mgd_reducer,
+                                            loss_factor=config.mgd_loss_factor).to(device)
+        mgd = MGDTraining(distiller, FeatureTaps(model.encoder_q), teacher, FeatureTaps(teacher))
+    params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if mgd is not None:
+        params.append({"params": list(mgd.distiller.parameters())})
+    optimizer = torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+    start_epoch = config.start_epoch
+    resume = config.resume or ckpt.latest_checkpoint(output_dir)
+    rng_to_restore = None
+    if resume:
+        state = load_checkpoint_file(resume, "--resume checkpoint")
+        check_resume(state, config, str(resume))
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
+        optimizer.load_state_dict(state["optimizer"])
+        if mgd is not None:
+            mgd.core.load_state_dict(state["mgd"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"]
+        rng_to_restore = state.get("rng")
+        logger.info(f"resumed from {resume} at epoch {start_epoch}")
+
+    ddp_model = model
+    if env.world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+        if mgd is not None:
+            mgd.distiller = DistributedDataParallel(mgd.distiller, device_ids=device_ids)
+
+    train_set = build_dataset(config.dataset, config.data, "train",
+                              TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus)),
+                              max_skipped=config.max_skipped_images)
+    train_loader = _loader(train_set, batch, env, True, config.workers, seed, drop_last=True)
+    match_epochs, match_loader = [], None
+    if mgd is not None:
+        match_epochs = matching_epochs(config.mgd_schedule, config.epochs)
+        match_set = build_dataset(config.dataset, config.data, "train", eval_transform(config.image_size),
+                                  max_skipped=config.max_skipped_images)
+        match_loader = _loader(matching_subset(match_set, config.mgd_samples, seed), batch, env, False,
+                               config.workers, seed, drop_last=False)
+    metrics = MetricsLog(output_dir, env.is_main, config.wandb_project or None, config=config.to_dict())
+    logger.info(f"pretraining {config.arch} on {len(train_set)} images, {env.world_size} process(es) x {batch} "
+                f"images on {device}; MGD {'from ' + config.teacher_arch + ' ' + config.mgd_reducer if mgd else 'off'}; "
+                f"autocast {autocast_dtype}; output in {output_dir}")
+
+    if rng_to_restore is not None:
+        ckpt.set_rng_state(rng_to_restore)
+    if mgd is not None and not mgd.core.is_matched:
+        run_matching_update(mgd, match_loader, None, device, autocast_dtype, epoch=0, metrics=metrics)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            lr = learning_rate(config.lr, epoch, config.epochs, config.cos, config.schedule)
+            set_learning_rate(optimizer, lr)
+            means = train_one_epoch(ddp_model, optimizer, train_loader, epoch, device, mgd, scaler,
+                                    autocast_dtype, channels_last, config.print_freq, metrics)
+            metrics.log("epoch", epoch=epoch, lr=lr, **means)
+            if mgd is not None and epoch + 1 in match_epochs:
+                run_matching_update(mgd, match_loader, None, device, autocast_dtype, epoch + 1, metrics)
+            if env.is_main:
+                state = {
+                    "epoch": epoch + 1, "arch": config.arch,
+                    "state_dict": ckpt.with_module_prefix(model.state_dict()),
+                    "optimizer": optimizer.state_dict(),
+                    "mgd": mgd.core.state_dict() if mgd is not None else None,
+                    "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "config": config.to_dict(),
+                }
+                path = ckpt.save_checkpoint(state, ckpt.checkpoint_path(output_dir, epoch), config.keep_checkpoints)
+                logger.info(f"epoch {epoch} done: InfoNCE {means['infonce']:.4f}"
+                            + (f" MGD {means['mgd']:.4f}" if mgd else "")
+                            + f" acc@1 {means['acc1']:.1f} {means['images_per_s']:.1f} img/s; saved {path}")
+    except NonFiniteLossError as exc:
+        logger.error(str(exc))
+        raise
+    finally:
+        metrics.close()
+

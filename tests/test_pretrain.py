@@ -1,0 +1,187 @@
+"""main_moco_mgd.py end to end on tiny generated images, in 1 and 2 processes."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_moco_mgd
+from moco_mgd.backbone import build_resnet
+from moco_mgd.checkpoint import list_checkpoints
+from moco_mgd.engine import NonFiniteLossError
+from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), per_class=8)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    checkpoint, _ = moco_v2_checkpoint("resnet50", mlp=True)
+    path = tmp_path_factory.mktemp("teacher") / "moco_v2_200ep_pretrain.pth.tar"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def _args(data_dir, out, teacher=None, epochs=2, extra=()):
+    args = [data_dir, "-a", "resnet18", "--epochs", str(epochs), "-b", "8", "--moco-k", "16",
+            "--moco-dim", "16", "-j", "0", "--image-size", "32", "--seed", "0", "--mlp", "--aug-plus",
+            "--output-dir", str(out), "-p", "1", "--keep-checkpoints", "0", "--lr", "0.01"]
+    if teacher:
+        args += ["--teacher-checkpoint", teacher, "--mgd-samples", "12", "--mgd-schedule", "0,1"]
+    return args + list(extra)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_state(a, b):
+    assert a["epoch"] == b["epoch"]
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    if a["mgd"] is not None:
+        for key in a["mgd"]:
+            assert torch.equal(a["mgd"][key], b["mgd"][key]), key
+
+
+@pytest.fixture(scope="module")
+def mgd_run(data_dir, teacher_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mgd_run")
+    main_moco_mgd.main(_args(data_dir, out, teacher_path, epochs=2))
+    return out
+
+
+def test_mgd_pretraining_writes_moco_layout_checkpoints(mgd_run):
+    checkpoints = list_checkpoints(mgd_run)
+    assert [p.name for p in checkpoints] == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
+    state = _load(checkpoints[-1])
+    assert state["epoch"] == 2 and state["arch"] == "resnet18"
+    keys = state["state_dict"].keys()
+    assert {"module.queue", "module.queue_ptr"} <= keys
+    assert all(k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue")) for k in keys)
+    # MoCo's main_lincls.py rule: keep module.encoder_q minus fc, strip the prefix.
+    backbone = {k[len("module.encoder_q."):]: v for k, v in state["state_dict"].items()
+                if k.startswith("module.encoder_q.") and not k.startswith("module.encoder_q.fc")}
+    result = build_resnet("resnet18").load_state_dict(backbone, strict=False)
+    assert set(result.missing_keys) == {"fc.weight", "fc.bias"} and not result.unexpected_keys
+    assert state["mgd"]["assignment3"].shape == (2048,) and int(state["mgd"]["num_matchings"]) == 2
+    assert state["config"]["teacher_arch"] == "resnet50" and state["config"]["mgd_reducer"] == "amp"
+    assert {"torch", "python", "numpy"} <= state["rng"].keys()
+
+
+def test_logs_and_metrics_are_written(mgd_run):
+    import json
+
+    records = [json.loads(line) for line in (mgd_run / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert {"train", "epoch", "matching"} <= kinds
+    train = [r for r in records if r["kind"] == "train"][0]
+    assert {"infonce", "mgd", "mgd_layer1", "mgd_layer4", "acc1", "images_per_s"} <= train.keys()
+    matching = [r for r in records if r["kind"] == "matching"]
+    assert [m["epoch"] for m in matching] == [0, 1]
+    log = (mgd_run / "log.txt").read_text()
+    assert "matching after epoch 0" in log and "InfoNCE" in log and "img/s" in log
+
+
+def test_resume_gives_the_same_result_as_not_stopping(mgd_run, data_dir, teacher_path, tmp_path):
+    # The straight run's epoch-0 checkpoint is exactly what a run stopped after 1 epoch leaves.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "checkpoint_0000.pth.tar").write_bytes((mgd_run / "checkpoint_0000.pth.tar").read_bytes())
+    main_moco_mgd.main(_args(data_dir, stopped, teacher_path, epochs=2))   # resumes by itself
+    _assert_same_state(_load(stopped / "checkpoint_0001.pth.tar"), _load(mgd_run / "checkpoint_0001.pth.tar"))
+    assert "resumed from" in (stopped / "log.txt").read_text()
+
+
+def test_plain_moco_without_teacher(data_dir, tmp_path):
+    main_moco_mgd.main(_args(data_dir, tmp_path, epochs=1, extra=["--cos"]))
+    state = _load(tmp_path / "checkpoint_0000.pth.tar")
+    assert state["mgd"] is None
+
+
+def test_two_processes_with_torchrun(data_dir, teacher_path, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(REPO / "main_moco_mgd.py"), *_args(data_dir, tmp_path, teacher_path, epochs=1),
+           "--dist-url", "env://", "--dist-backend", "gloo"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = _load(tmp_path / "checkpoint_0000.pth.tar")
+    assert "2 process(es) x 4 images" in (tmp_path / "log.txt").read_text()
+    assert state["epoch"] == 1 and state["mgd"] is not None
+
+
+def test_two_processes_with_multiprocessing_distributed(data_dir, teacher_path, tmp_path):
+    main_moco_mgd.main(_args(data_dir, tmp_path, teacher_path, epochs=1) + [
+        "--multiprocessing-distributed", "--nproc-per-node", "2", "--world-size", "1", "--rank", "0",
+        "--dist-url", f"tcp://127.0.0.1:{free_port()}"])
+    assert list_checkpoints(tmp_path)[-1].name == "checkpoint_0000.pth.tar"
+
+
+# --- bad input: a clear error before training, nothing saved is overwritten ---------
+
+def _fails(args, capsys, *fragments):
+    with pytest.raises(SystemExit) as info:
+        main_moco_mgd.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_missing_or_empty_data(tmp_path, capsys):
+    _fails(_args(str(tmp_path / "nope"), tmp_path / "o1"), capsys, "nope")
+    (tmp_path / "empty").mkdir()
+    _fails(_args(str(tmp_path / "empty"), tmp_path / "o2"), capsys, "train")
+    (tmp_path / "hollow" / "train").mkdir(parents=True)
+    _fails(_args(str(tmp_path / "hollow"), tmp_path / "o3"), capsys, "train")
+
+
+def test_queue_not_divisible_by_global_batch(data_dir, tmp_path, capsys):
+    _fails(_args(data_dir, tmp_path, extra=["--moco-k", "20"]), capsys, "--moco-k 20 is not divisible",
+           "global batch size 8")
+
+
+def test_batch_smaller_than_processes(data_dir, tmp_path, capsys):
+    _fails(_args(data_dir, tmp_path, extra=["-b", "1", "--multiprocessing-distributed", "--nproc-per-node", "2"]),
+           capsys, "smaller than the 2 processes")
+
+
+def test_teacher_of_another_architecture(data_dir, teacher_path, tmp_path, capsys):
+    _fails(_args(data_dir, tmp_path, teacher_path, extra=["--teacher-arch", "resnet101"]), capsys,
+           "does not fit resnet101", "look like a resnet50")
+
+
+def test_output_dir_not_writable(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    _fails(_args(data_dir, blocker / "out"), capsys, "is not writable")
+
+
+def test_resume_from_another_architecture(mgd_run, data_dir, teacher_path, tmp_path, capsys):
+    _fails(_args(data_dir, tmp_path, teacher_path, extra=["-a", "resnet34", "--resume",
+                                                           str(mgd_run / "checkpoint_0000.pth.tar")]),
+           capsys, "cannot resume", "'resnet18' vs 'resnet34'")
+
+
+def test_resume_a_plain_moco_run_with_mgd_on(data_dir, teacher_path, tmp_path, capsys):
+    main_moco_mgd.main(_args(data_dir, tmp_path, epochs=1))
+    _fails(_args(data_dir, tmp_path, teacher_path, epochs=2), capsys, "without MGD while MGD is on")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mgd_run, data_dir, teacher_path, tmp_path):
+    (tmp_path / "checkpoint_0000.pth.tar").write_bytes((mgd_run / "checkpoint_0000.pth.tar").read_bytes())
+    digest = hashlib.sha256((tmp_path / "checkpoint_0000.pth.tar").read_bytes()).hexdigest()
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 1 iteration 0"):
+        main_moco_mgd.main(_args(data_dir, tmp_path, teacher_path, extra=["--mgd-loss-factor", "1e-45"]))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_0000.pth.tar"]
+    assert hashlib.sha256((tmp_path / "checkpoint_0000.pth.tar").read_bytes()).hexdigest() == digest
