@@ -85,6 +85,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--keep-checkpoints", default=2, type=int, help="keep the newest N checkpoints (0: all)")
     run.add_argument("--max-skipped-images", default=100, type=int,
                      help="stop when more unreadable images than this were skipped (per loader process)")
+    run.add_argument("--max-images", default=0, type=int,
+                     help="train on a random subset of this many images (0: all); for demos and quick checks")
     run.add_argument("--wandb-project", default="", help="also log to this wandb project")
     return parser
 

@@ -302,8 +302,10 @@ def build_dataset(name: str, data: str | None, split: str = "train", transform: 
     raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
 
 
-def matching_subset(dataset: Dataset, num_images: int, seed: int) -> Subset:
-    """A random subset of ``min(num_images, len(dataset))`` distinct images for MGD's matching.
+def random_subset(dataset: Dataset, num_images: int, seed: int) -> Subset:
+    """A random subset of ``min(num_images, len(dataset))`` distinct images.
+
+    Used for the images of MGD's matching updates, and for ``--max-images`` runs.
 
     Drawn from a generator seeded with ``seed`` alone, so every rank draws the same subset
     (each then reads its own shard through a DistributedSampler).

@@ -214,7 +214,7 @@ def run_matching_update(
     reports = mgd.core.update_matching()
     seconds = time.perf_counter() - start
     logger.info(
-        f"matching after epoch {epoch}: {reports[0].num_images} images ({seen} on this rank) in {seconds:.1f}s; "
+        f"matching after {epoch} epoch(s): {reports[0].num_images} images ({seen} on this rank) in {seconds:.1f}s; "
         + "; ".join(f"{r.stage} cost {r.cost:.4f} changed {r.changed}" for r in reports)
     )
     if metrics is not None:

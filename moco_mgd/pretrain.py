@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from moco_mgd import checkpoint as ckpt
 from moco_mgd.backbone import load_checkpoint_file, load_frozen_teacher
-from moco_mgd.data import TwoCropsTransform, build_dataset, eval_transform, matching_subset, pretrain_transform
+from moco_mgd.data import TwoCropsTransform, build_dataset, eval_transform, random_subset, pretrain_transform
 from moco_mgd.distiller import MGDistiller
 from moco_mgd.engine import (MGDTraining, NonFiniteLossError, learning_rate, matching_epochs,
                              run_matching_update, set_learning_rate, train_one_epoch)
@@ -74,6 +74,7 @@ class PretrainConfig:
     channels_last: bool | None = None
     keep_checkpoints: int = 2
     max_skipped_images: int = 100
+    max_images: int = 0
     wandb_project: str = ""
 
     def to_dict(self) -> dict:
@@ -112,6 +113,8 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
     if config.mgd_reducer not in ("amp", "rd", "sm", "max", "avg"):
         raise ValueError(f"unknown --mgd-reducer {config.mgd_reducer!r}: choose amp, rd, sm, max or avg")
     matching_epochs(config.mgd_schedule, config.epochs)
+    if config.max_images < 0:
+        raise ValueError(f"--max-images {config.max_images}: pass a positive number, or 0 for all images")
     if config.use_mgd and config.mgd_samples < 1:
         raise ValueError(f"--mgd-samples {config.mgd_samples}: the matching needs at least one image "
                          f"(the authors use 20000)")
@@ -221,13 +224,17 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
     train_set = build_dataset(config.dataset, config.data, "train",
                               TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus)),
                               max_skipped=config.max_skipped_images)
+    if config.max_images:
+        train_set = random_subset(train_set, config.max_images, seed)
     train_loader = _loader(train_set, batch, env, True, config.workers, seed, drop_last=True)
     match_epochs, match_loader = [], None
     if mgd is not None:
         match_epochs = matching_epochs(config.mgd_schedule, config.epochs)
         match_set = build_dataset(config.dataset, config.data, "train", eval_transform(config.image_size),
                                   max_skipped=config.max_skipped_images)
-        match_loader = _loader(matching_subset(match_set, config.mgd_samples, seed), batch, env, False,
+        if config.max_images:  # match on the images that are trained on
+            match_set = random_subset(match_set, config.max_images, seed)
+        match_loader = _loader(random_subset(match_set, config.mgd_samples, seed), batch, env, False,
                                config.workers, seed, drop_last=False)
     metrics = MetricsLog(output_dir, env.is_main, config.wandb_project or None, config=config.to_dict())
     logger.info(f"pretraining {config.arch} on {len(train_set)} images, {env.world_size} process(es) x {batch} "

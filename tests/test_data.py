@@ -13,7 +13,7 @@ from torchvision import transforms as T
 
 from moco_mgd import data
 from moco_mgd.data import (FASHION_MNIST_DIR, FashionMNIST, GaussianBlur, ImageFolderDataset, TwoCropsTransform,
-                           build_dataset, eval_transform, find_fashion_mnist, matching_subset, pretrain_transform)
+                           build_dataset, eval_transform, find_fashion_mnist, random_subset, pretrain_transform)
 
 
 def _write_idx(path, magic, array, gz):
@@ -211,17 +211,17 @@ def test_bad_input_errors(tmp_path):
         build_dataset("cifar10", str(tmp_path))
 
 
-def test_matching_subset():
+def test_random_subset():
     dataset = torch.utils.data.TensorDataset(torch.arange(50))
-    first, again, other = (matching_subset(dataset, 20, seed) for seed in (7, 7, 8))
+    first, again, other = (random_subset(dataset, 20, seed) for seed in (7, 7, 8))
     assert first.indices == again.indices and first.indices != other.indices
     assert len(first) == 20 and len(set(first.indices)) == 20
     assert first.indices == sorted(first.indices) and all(0 <= i < 50 for i in first.indices)
     assert first[0][0].item() == first.indices[0]
-    everything = matching_subset(dataset, 1000, 0)
+    everything = random_subset(dataset, 1000, 0)
     assert everything.indices == list(range(50))
     with pytest.raises(ValueError):
-        matching_subset(dataset, 0, 0)
+        random_subset(dataset, 0, 0)
 
 
 def test_gaussian_blur_blurs():
