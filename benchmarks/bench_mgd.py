@@ -16,38 +16,21 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moco_mgd import mgd  # noqa: E402
 from moco_mgd.distiller import MGDistiller  # noqa: E402
+from timing import measure  # noqa: E402
 
 STUDENT = (64, 128, 256, 512)       # resnet18 / resnet34
 TEACHER = (256, 512, 1024, 2048)    # resnet50
 SPATIAL = (56, 28, 14, 7)           # at 224 px
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, repeats: int) -> float:
-    fn()  # warm-up
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _features(batch: int, device: torch.device, dtype: torch.dtype, scale: int):
@@ -74,12 +57,12 @@ def main() -> None:
 
     for kind, solve in (("balanced", mgd.balanced_assignment), ("sparse", mgd.sparse_assignment)):
         costs = [torch.rand(cs, ct, dtype=torch.float64) for cs, ct in zip(STUDENT, TEACHER)]
-        seconds = _time(lambda: [solve(c) for c in costs], torch.device("cpu"), args.repeats)
+        seconds, _ = measure(lambda: [solve(c) for c in costs], torch.device("cpu"), iters=args.repeats)
         rows.append((f"solve 4 stages, {kind} matching (scipy, CPU)", seconds, ""))
 
     s_feats, t_feats = _features(args.batch_size, device, dtype, scale=1)
     distiller = MGDistiller(STUDENT, TEACHER, margins).to(device)
-    seconds = _time(lambda: distiller.accumulate(s_feats, t_feats), device, args.repeats)
+    seconds, _ = measure(lambda: distiller.accumulate(s_feats, t_feats), device, iters=args.repeats)
     rows.append((f"accumulate matching cost, 1 batch of {args.batch_size}", seconds,
                  f"{args.batch_size / seconds:,.0f} img/s"))
 
@@ -93,7 +76,7 @@ def main() -> None:
             loss, _ = distiller(student, t_feats)
             loss.backward()
 
-        seconds = _time(step, device, args.repeats)
+        seconds, _ = measure(step, device, iters=args.repeats)
         rows.append((f"MGD loss fwd+bwd, {reducer}, batch {args.batch_size}", seconds,
                      f"{args.batch_size / seconds:,.0f} img/s"))
 

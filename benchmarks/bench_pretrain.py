@@ -14,42 +14,20 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moco_mgd.backbone import build_resnet  # noqa: E402
 from moco_mgd.distiller import MGDistiller  # noqa: E402
 from moco_mgd.engine import MGDTraining  # noqa: E402
 from moco_mgd.moco import MoCo  # noqa: E402
 from moco_mgd.taps import FeatureTaps  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(step, device, warmup: int, iters: int) -> tuple[float, float]:
-    """Median seconds per step and peak GPU memory (GiB, 0 on CPU)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return statistics.median(times), peak
+from timing import measure  # noqa: E402
 
 
 def main() -> None:
