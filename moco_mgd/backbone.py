@@ -23,9 +23,11 @@ __all__ = [
     "STEMS",
     "apply_small_stem",
     "build_resnet",
+    "resnet_trunk",
     "load_checkpoint_file",
     "backbone_state_dict",
     "load_backbone_weights",
+    "load_frozen_backbone",
     "load_frozen_teacher",
 ]
 
@@ -70,6 +72,15 @@ def build_resnet(arch: str, num_classes: int = 1000, stem: str = "imagenet") -> 
         raise ValueError(f"unknown stem {stem!r}: choose one of {STEMS}")
     model = getattr(tv_resnet, arch)(weights=None, num_classes=num_classes)
     return apply_small_stem(model) if stem == "small" else model
+
+
+def resnet_trunk(model: nn.Module) -> nn.Module:
+    """A view of a torchvision ResNet without its head: images -> pooled features ``[B, D]``.
+
+    The modules are shared, not copied, so it always reflects the current weights (the kNN
+    monitor reads the student through it while it trains).
+    """
+    return nn.Sequential(*[child for name, child in model.named_children() if name != "fc"], nn.Flatten(1))
 
 
 def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Mapping:
@@ -162,6 +173,33 @@ def load_backbone_weights(model: nn.Module, arch: str, backbone: Mapping[str, to
     model.load_state_dict(dict(backbone), strict=False)
 
 
+def load_frozen_backbone(arch: str, checkpoint_path: str | os.PathLike, stem: str = "imagenet",
+                         what: str = "checkpoint") -> nn.Module:
+    """A frozen ResNet backbone (``fc`` = identity, eval mode, no grad) from any known layout.
+
+    Args:
+        arch: the architecture the weights must fit (checked strictly).
+        checkpoint_path: a file in one of the layouts of the module docstring.
+        stem: the stem the weights were trained with.
+        what: how to name the file in errors (e.g. "teacher checkpoint").
+
+    Raises:
+        FileNotFoundError / ValueError: with what was found and what to change.
+    """
+    model = build_resnet(arch, stem=stem)
+    checkpoint = load_checkpoint_file(checkpoint_path, what=what)
+    name = f"{what} {os.fspath(checkpoint_path)!r}"
+    try:
+        backbone, _, layout = backbone_state_dict(checkpoint)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    load_backbone_weights(model, arch, backbone, source=f"{name} ({layout})")
+    model.fc = nn.Identity()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike, stem: str = "imagenet") -> nn.Module:
     """The MGD teacher: a ResNet backbone from a MoCo-v2 (or torchvision) checkpoint.
 
@@ -169,15 +207,4 @@ def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike, stem: str
     The returned model is in eval mode with ``requires_grad=False`` everywhere. Keep it out
     of DDP and call it under ``torch.no_grad()``.
     """
-    model = build_resnet(arch, stem=stem)
-    checkpoint = load_checkpoint_file(checkpoint_path, what="teacher checkpoint")
-    try:
-        backbone, _, layout = backbone_state_dict(checkpoint)
-    except ValueError as exc:
-        raise ValueError(f"teacher checkpoint {os.fspath(checkpoint_path)!r}: {exc}") from None
-    load_backbone_weights(model, arch, backbone, source=f"teacher checkpoint {os.fspath(checkpoint_path)!r} ({layout})")
-    model.fc = nn.Identity()
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
+    return load_frozen_backbone(arch, checkpoint_path, stem, what="teacher checkpoint")

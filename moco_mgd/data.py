@@ -324,3 +324,21 @@ def random_subset(dataset: Dataset, num_images: int, seed: int) -> Subset:
     count = min(num_images, len(dataset))
     indices = torch.randperm(len(dataset), generator=generator)[:count].sort().values
     return Subset(dataset, indices.tolist())
+
+
+def check_same_classes(train_set: Dataset, val_set: Dataset) -> None:
+    """Refuse a train/val pair whose class lists differ (labels would mean different things).
+
+    Raises:
+        ValueError: naming the classes found only in one of them.
+    """
+    train_classes = list(getattr(train_set, "classes", []))
+    val_classes = list(getattr(val_set, "classes", []))
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise ValueError(
+            f"the classes of train/ and val/ differ (only in train: {only_train[:10]}, only in val: "
+            f"{only_val[:10]}{', or the same names in another order' if not only_train and not only_val else ''}): "
+            f"both splits need the same class folders"
+        )

@@ -83,11 +83,11 @@ def make_image_folder(root, splits=("train",), classes=2, per_class=8, size=40, 
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    bases = rng.integers(0, 256, size=(classes, 3))  # one colour per class, the same in every split
     for split in splits:
-        for c in range(classes):
+        for c, base in enumerate(bases):
             folder = os.path.join(root, split, f"class{c}")
             os.makedirs(folder, exist_ok=True)
-            base = rng.integers(0, 256, size=3)
             for i in range(per_class):
                 pixels = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"img{i}.png"))

@@ -1,0 +1,83 @@
+"""Frozen-feature extraction, sharded over the ranks and gathered back in dataset order.
+
+Each rank runs the model on its shard (a ``DistributedSampler`` without shuffling); every
+sample carries its index, and the gathered features are written back by index, so the
+result is the single-process one, on every rank, whatever the world size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from moco_mgd import distributed
+
+__all__ = ["IndexedDataset", "extract_features"]
+
+
+class IndexedDataset(Dataset):
+    """Wraps a ``(image, label)`` dataset to yield ``(index, image, label)``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return index, image, label
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str,
+    workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` in eval mode over ``dataset``; return its outputs and labels in order.
+
+    Args:
+        model: maps images to ``[B, D]`` features (e.g. a ResNet whose ``fc`` is identity).
+        dataset: yields ``(image_tensor, label)``.
+        batch_size: images per forward on each rank.
+        device: where to run the model.
+        workers: DataLoader worker processes.
+        autocast_dtype: run under autocast with this dtype (e.g. bf16 on GPU).
+
+    Returns:
+        ``(features, labels)``: ``Tensor[N, D]`` float32 and ``LongTensor[N]`` on CPU, in
+        dataset order, identical on every rank.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    indexed = IndexedDataset(dataset)
+    # Without shuffling each rank reads a strided shard; padding repeats a few samples so
+    # every rank has as many, which all_gather needs. Repeats write the same row twice.
+    sampler = DistributedSampler(indexed, num_replicas=distributed.get_world_size(),
+                                 rank=distributed.get_rank(), shuffle=False, drop_last=False)
+    loader = DataLoader(indexed, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    indices, feats, labels = [], [], []
+    try:
+        for index, images, label in loader:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = model(images.to(device, non_blocking=True))
+            feats.append(out.float().flatten(1))
+            indices.append(index.to(device))
+            labels.append(torch.as_tensor(label).to(device))
+    finally:
+        model.train(was_training)
+    local_feats = torch.cat(feats)  # n_local x D
+    all_feats = distributed.all_gather_cat(local_feats).cpu()
+    all_indices = distributed.all_gather_cat(torch.cat(indices)).cpu()
+    all_labels = distributed.all_gather_cat(torch.cat(labels).long()).cpu()
+    features = torch.empty(len(dataset), all_feats.shape[1], dtype=torch.float32)
+    ordered_labels = torch.empty(len(dataset), dtype=torch.long)
+    features[all_indices] = all_feats
+    ordered_labels[all_indices] = all_labels
+    return features, ordered_labels
