@@ -87,6 +87,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="stop when more unreadable images than this were skipped (per loader process)")
     run.add_argument("--max-images", default=0, type=int,
                      help="train on a random subset of this many images (0: all); for demos and quick checks")
+    run.add_argument("--knn-freq", default=0, type=int,
+                     help="every N epochs, kNN top-1 of the student on the labelled train/val split (val/ "
+                          "for image folders, the test set for fashion-mnist); 0: off. The teacher is "
+                          "evaluated once at the start as a reference")
+    run.add_argument("--knn-k", default=200, type=int, help="neighbours of the kNN monitor (DINO: 20)")
+    run.add_argument("--knn-t", default=0.1, type=float, help="temperature of the kNN vote (DINO: 0.07)")
     run.add_argument("--wandb-project", default="", help="also log to this wandb project")
     return parser
 

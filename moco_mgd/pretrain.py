@@ -15,15 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from moco_mgd import checkpoint as ckpt
-from moco_mgd.backbone import load_checkpoint_file, load_frozen_teacher
-from moco_mgd.data import TwoCropsTransform, build_dataset, eval_transform, random_subset, pretrain_transform
+from moco_mgd.backbone import load_checkpoint_file, load_frozen_teacher, resnet_trunk
+from moco_mgd.data import (TwoCropsTransform, build_dataset, check_same_classes, eval_transform, pretrain_transform,
+                           random_subset)
 from moco_mgd.distiller import MGDistiller
 from moco_mgd.engine import (MGDTraining, NonFiniteLossError, learning_rate, matching_epochs,
                              run_matching_update, set_learning_rate, train_one_epoch)
+from moco_mgd.knn import knn_evaluate
 from moco_mgd.launch import DistEnv
 from moco_mgd.logs import MetricsLog, setup_logging
 from moco_mgd.moco import MoCo
@@ -75,6 +78,9 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     max_skipped_images: int = 100
     max_images: int = 0
+    knn_freq: int = 0
+    knn_k: int = 200
+    knn_t: float = 0.1
     wandb_project: str = ""
 
     def to_dict(self) -> dict:
@@ -118,7 +124,9 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
     if config.use_mgd and config.mgd_samples < 1:
         raise ValueError(f"--mgd-samples {config.mgd_samples}: the matching needs at least one image "
                          f"(the authors use 20000)")
-    build_dataset(config.dataset, config.data, "train")
+    train_set = build_dataset(config.dataset, config.data, "train")
+    if config.knn_freq:
+        check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))
     _check_writable(Path(config.output_dir))
     if config.mgd and config.teacher_checkpoint:
         teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem)
@@ -236,13 +244,31 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
             match_set = random_subset(match_set, config.max_images, seed)
         match_loader = _loader(random_subset(match_set, config.mgd_samples, seed), batch, env, False,
                                config.workers, seed, drop_last=False)
+    knn_sets = None
+    if config.knn_freq:
+        knn_train = build_dataset(config.dataset, config.data, "train", eval_transform(config.image_size))
+        if config.max_images:
+            knn_train = random_subset(knn_train, config.max_images, seed)
+        knn_sets = (knn_train, build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size)))
     metrics = MetricsLog(output_dir, env.is_main, config.wandb_project or None, config=config.to_dict())
+
+    def knn_monitor(network: nn.Module, kind: str, epoch: int) -> None:
+        result = knn_evaluate(network, *knn_sets, batch, device, config.knn_k, config.knn_t, config.workers,
+                              autocast_dtype)
+        if mgd is not None:  # the trunk's forward went through the tapped blocks
+            mgd.student_taps.clear()
+            mgd.teacher_taps.clear()
+        logger.info(f"kNN ({kind}, k={config.knn_k}, T={config.knn_t}) after {epoch} epoch(s): "
+                    + " ".join(f"{name} {value:.2f}" for name, value in result.items()))
+        metrics.log(kind, epoch=epoch, **result)
     logger.info(f"pretraining {config.arch} on {len(train_set)} images, {env.world_size} process(es) x {batch} "
                 f"images on {device}; MGD {'from ' + config.teacher_arch + ' ' + config.mgd_reducer if mgd else 'off'}; "
                 f"autocast {autocast_dtype}; output in {output_dir}")
 
     if rng_to_restore is not None:
         ckpt.set_rng_state(rng_to_restore)
+    if knn_sets is not None and mgd is not None and start_epoch == 0:
+        knn_monitor(mgd.teacher, "knn_teacher", 0)   # the reference line the student is heading for
     if mgd is not None and not mgd.core.is_matched:
         run_matching_update(mgd, match_loader, None, device, autocast_dtype, epoch=0, metrics=metrics)
     try:
@@ -255,6 +281,8 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
             metrics.log("epoch", epoch=epoch, lr=lr, **means)
             if mgd is not None and epoch + 1 in match_epochs:
                 run_matching_update(mgd, match_loader, None, device, autocast_dtype, epoch + 1, metrics)
+            if knn_sets is not None and (epoch + 1) % config.knn_freq == 0:
+                knn_monitor(resnet_trunk(model.encoder_q), "knn", epoch + 1)
             if env.is_main:
                 state = {
                     "epoch": epoch + 1, "arch": config.arch,

@@ -15,11 +15,12 @@ from moco_mgd.engine import NonFiniteLossError
 from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+KNN = ["--knn-freq", "1", "--knn-k", "4"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("data")), per_class=8)
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), splits=("train", "val"), per_class=8)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def _assert_same_state(a, b):
 @pytest.fixture(scope="module")
 def mgd_run(data_dir, teacher_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("mgd_run")
-    main_moco_mgd.main(_args(data_dir, out, teacher_path, epochs=2))
+    main_moco_mgd.main(_args(data_dir, out, teacher_path, epochs=2, extra=KNN))
     return out
 
 
@@ -85,6 +86,9 @@ def test_logs_and_metrics_are_written(mgd_run):
     assert {"train", "epoch", "matching"} <= kinds
     train = [r for r in records if r["kind"] == "train"][0]
     assert {"infonce", "mgd", "mgd_layer1", "mgd_layer4", "acc1", "images_per_s"} <= train.keys()
+    knn = [r for r in records if r["kind"] == "knn"]
+    assert [r["epoch"] for r in knn] == [1, 2] and all(0 <= r["top1"] <= 100 for r in knn)
+    assert len([r for r in records if r["kind"] == "knn_teacher"]) == 1
     matching = [r for r in records if r["kind"] == "matching"]
     assert [m["epoch"] for m in matching] == [0, 1]
     log = (mgd_run / "log.txt").read_text()
@@ -96,8 +100,10 @@ def test_resume_gives_the_same_result_as_not_stopping(mgd_run, data_dir, teacher
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     (stopped / "checkpoint_0000.pth.tar").write_bytes((mgd_run / "checkpoint_0000.pth.tar").read_bytes())
-    main_moco_mgd.main(_args(data_dir, stopped, teacher_path, epochs=2))   # resumes by itself
+    main_moco_mgd.main(_args(data_dir, stopped, teacher_path, epochs=2, extra=KNN))   # resumes by itself
     _assert_same_state(_load(stopped / "checkpoint_0001.pth.tar"), _load(mgd_run / "checkpoint_0001.pth.tar"))
+    # The resumed run re-evaluates nothing it had done: no second teacher reference line.
+    assert "knn_teacher" not in (stopped / "metrics.jsonl").read_text()
     assert "resumed from" in (stopped / "log.txt").read_text()
 
 
