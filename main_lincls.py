@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Linear classification on a frozen pretrained backbone: a drop-in for MoCo's main_lincls.py.
+
+Same flags and defaults as facebookresearch/moco's main_lincls.py (``--pretrained`` reads the
+official MoCo checkpoints, this project's, and torchvision state dicts), plus ``--output-dir``,
+``--dataset``, ``--image-size``, ``--stem``, ``--nproc-per-node`` and ``--cached-features``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from moco_mgd.backbone import RESNET_ARCHS, STEMS
+from moco_mgd.launch import launch, process_counts
+from moco_mgd.lincls import LinclsConfig, check_config, linear_eval
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Linear classification on a frozen backbone", add_help=add_help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    moco = parser.add_argument_group("MoCo (same names and defaults as main_lincls.py)")
+    moco.add_argument("data", metavar="DIR", nargs="?", default="",
+                      help="dataset root with train/ and val/ (image folders); for fashion-mnist the IDX "
+                           "directory (default: Debian's /usr/share/datasets/fashion-mnist)")
+    moco.add_argument("-a", "--arch", default="resnet50", choices=RESNET_ARCHS,
+                      help="architecture of the pretrained backbone (checked against --pretrained)")
+    moco.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per process")
+    moco.add_argument("--epochs", default=100, type=int)
+    moco.add_argument("--start-epoch", default=0, type=int, help="manual epoch number (useful on restarts)")
+    moco.add_argument("-b", "--batch-size", default=256, type=int,
+                      help="total batch size of all the processes (GPUs) of one node")
+    moco.add_argument("--lr", "--learning-rate", default=30.0, type=float, dest="lr")
+    moco.add_argument("--schedule", default=[60, 80], nargs="*", type=int, help="epochs at which lr drops x0.1")
+    moco.add_argument("--momentum", default=0.9, type=float)
+    moco.add_argument("--wd", "--weight-decay", default=0.0, type=float, dest="weight_decay")
+    moco.add_argument("-p", "--print-freq", default=10, type=int)
+    moco.add_argument("--resume", default="", type=str,
+                      help="checkpoint of this script (checkpoint.pth.tar) to resume training or to --evaluate")
+    moco.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the model on val/")
+    moco.add_argument("--world-size", default=-1, type=int, help="number of nodes")
+    moco.add_argument("--rank", default=-1, type=int, help="node rank")
+    moco.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
+                      help="rendezvous address; env:// under torchrun")
+    moco.add_argument("--dist-backend", default="nccl", type=str, help="nccl on GPU (gloo is used on CPU)")
+    moco.add_argument("--seed", default=None, type=int)
+    moco.add_argument("--gpu", default=None, type=int, help="GPU of a single-process run")
+    moco.add_argument("--multiprocessing-distributed", action="store_true",
+                      help="one process per GPU of this node, as MoCo")
+    moco.add_argument("--pretrained", default="", type=str,
+                      help="pretrained weights: an official MoCo checkpoint (module.encoder_q.*), one of "
+                           "main_moco_mgd.py, or a torchvision state dict; none: a random backbone")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist"],
+                     help="fashion-mnist: train on its training set, evaluate on its test set")
+    run.add_argument("--output-dir", default=".", help="checkpoint.pth.tar, model_best.pth.tar, log.txt and "
+                     "metrics.jsonl go here")
+    run.add_argument("--image-size", default=224, type=int, help="crop size (e.g. 32-64 for Fashion-MNIST)")
+    run.add_argument("--stem", default="imagenet", choices=STEMS,
+                     help="the stem the backbone was pretrained with ('small': 3x3 stride-1 conv, no max-pool)")
+    run.add_argument("--nproc-per-node", default=None, type=int,
+                     help="processes per node with --multiprocessing-distributed (default: one per GPU; "
+                          "needed on CPU)")
+    run.add_argument("--cached-features", action="store_true",
+                     help="compute the frozen backbone's pooled features of train/ and val/ once and train "
+                          "fc on them (minutes instead of hours on CPU). Differs from the protocol: training "
+                          "images are not augmented (the val resize + centre crop replaces RandomResizedCrop + "
+                          "flip). Same optimizer, schedule, batch size and checkpoints")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> LinclsConfig:
+    names = {f.name for f in fields(LinclsConfig)}
+    return LinclsConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
+    try:
+        world, local = process_counts(nodes, args.multiprocessing_distributed, args.nproc_per_node)
+        check_config(config, world, local)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        parser.exit(2, f"main_lincls.py: error: {exc}\n")
+    launch(linear_eval, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
+           rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
+           nproc_per_node=args.nproc_per_node, gpu=args.gpu)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
