@@ -7,11 +7,10 @@ Same flags and defaults as facebookresearch/moco's main_moco.py, plus the MGD fl
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from moco_mgd.backbone import RESNET_ARCHS, STEMS
-from moco_mgd.launch import launch, launched_by_torchrun, procs_per_node
+from moco_mgd.launch import launch, process_counts
 from moco_mgd.pretrain import PretrainConfig, pretrain, validate
 
 
@@ -108,14 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     config = config_from_args(args)
     nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
     try:
-        if launched_by_torchrun():
-            world = int(os.environ["WORLD_SIZE"])
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        elif args.multiprocessing_distributed:
-            local = procs_per_node(args.nproc_per_node)
-            world = nodes * local
-        else:
-            world, local = nodes, 1
+        world, local = process_counts(nodes, args.multiprocessing_distributed, args.nproc_per_node)
         validate(config, world, local)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         parser.exit(2, f"main_moco_mgd.py: error: {exc}\n")

@@ -27,6 +27,7 @@ __all__ = [
     "load_checkpoint_file",
     "backbone_state_dict",
     "load_backbone_weights",
+    "load_pretrained_backbone",
     "load_frozen_backbone",
     "load_frozen_teacher",
 ]
@@ -173,6 +174,26 @@ def load_backbone_weights(model: nn.Module, arch: str, backbone: Mapping[str, to
     model.load_state_dict(dict(backbone), strict=False)
 
 
+def load_pretrained_backbone(model: nn.Module, arch: str, checkpoint_path: str | os.PathLike,
+                             what: str = "checkpoint") -> tuple[dict, dict, str]:
+    """Load the query-encoder backbone of a checkpoint file into ``model`` strictly (``fc`` excluded).
+
+    Returns:
+        ``(backbone, head, layout)`` as :func:`backbone_state_dict`.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file, what was found and what to change.
+    """
+    checkpoint = load_checkpoint_file(checkpoint_path, what=what)
+    name = f"{what} {os.fspath(checkpoint_path)!r}"
+    try:
+        backbone, head, layout = backbone_state_dict(checkpoint)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    load_backbone_weights(model, arch, backbone, source=f"{name} ({layout})")
+    return backbone, head, layout
+
+
 def load_frozen_backbone(arch: str, checkpoint_path: str | os.PathLike, stem: str = "imagenet",
                          what: str = "checkpoint") -> nn.Module:
     """A frozen ResNet backbone (``fc`` = identity, eval mode, no grad) from any known layout.
@@ -187,13 +208,7 @@ def load_frozen_backbone(arch: str, checkpoint_path: str | os.PathLike, stem: st
         FileNotFoundError / ValueError: with what was found and what to change.
     """
     model = build_resnet(arch, stem=stem)
-    checkpoint = load_checkpoint_file(checkpoint_path, what=what)
-    name = f"{what} {os.fspath(checkpoint_path)!r}"
-    try:
-        backbone, _, layout = backbone_state_dict(checkpoint)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-    load_backbone_weights(model, arch, backbone, source=f"{name} ({layout})")
+    load_pretrained_backbone(model, arch, checkpoint_path, what)
     model.fc = nn.Identity()
     model.eval()
     model.requires_grad_(False)

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "check_writable",
     "checkpoint_path",
     "save_checkpoint",
     "list_checkpoints",
@@ -38,6 +40,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Create ``directory`` if needed and prove a file can be written there, before any work.
+
+    Raises:
+        PermissionError: naming the directory and the flag to change.
+    """
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"output directory {os.fspath(directory)!r} is not writable ({exc.strerror}): "
+                              f"pass --output-dir to a directory you can write to") from None
 
 
 def checkpoint_path(output_dir: str | os.PathLike, epoch: int) -> Path:

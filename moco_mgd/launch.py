@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "launch", "init_process_group"]
+__all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -46,6 +46,17 @@ def procs_per_node(nproc_per_node: int | None) -> int:
         return torch.cuda.device_count()
     raise ValueError("--multiprocessing-distributed starts one process per GPU and this machine has "
                      "none: pass --nproc-per-node N to run N CPU processes (gloo), or drop the flag")
+
+
+def process_counts(nodes: int, multiprocessing_distributed: bool, nproc_per_node: int | None) -> tuple[int, int]:
+    """``(world_size, processes per node)`` that :func:`launch` will start, known before it does."""
+    if launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        return world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if multiprocessing_distributed:
+        local = procs_per_node(nproc_per_node)
+        return nodes * local, local
+    return nodes, 1
 
 
 def _device_for(local_rank: int, gpu: int | None) -> torch.device:

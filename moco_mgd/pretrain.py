@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,16 +95,6 @@ def per_process_batch(batch_size: int, local_world_size: int) -> int:
     return batch_size // local_world_size
 
 
-def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"output directory {str(directory)!r} is not writable ({exc.strerror}): "
-                              f"pass --output-dir to a directory you can write to") from None
-
-
 def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> None:
     """Refuse a run that cannot work, before anything starts. Raises with the fix in the message."""
     if local_world_size > config.batch_size:
@@ -127,7 +116,7 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
     train_set = build_dataset(config.dataset, config.data, "train")
     if config.knn_freq:
         check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))
-    _check_writable(Path(config.output_dir))
+    ckpt.check_writable(config.output_dir)
     if config.mgd and config.teacher_checkpoint:
         teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem)
         MGDistiller.from_models(teacher, MoCo(config.arch, dim=config.moco_dim, K=global_batch,
