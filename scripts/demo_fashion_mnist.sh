@@ -19,8 +19,9 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
 fi
 
 # -b 64 over one process; the queue (4096) is a multiple of it. Same seed for both runs.
+# kNN top-1 on the 10k test images at the end of each run (and of the teacher, as the student's reference).
 COMMON=(--dataset fashion-mnist --image-size "$IMAGE_SIZE" --epochs "$EPOCHS" -b 64 --moco-k 4096 --mlp
-        --aug-plus --cos -j 2 --max-images "$IMAGES" --seed 0 -p 20)
+        --aug-plus --cos -j 2 --max-images "$IMAGES" --seed 0 -p 20 --knn-freq "$EPOCHS" --knn-k 20 --knn-t 0.07)
 LAST=$(printf 'checkpoint_%04d.pth.tar' $((EPOCHS - 1)))
 
 echo "== 1/2 teacher: MoCo-v2 ResNet-50 -> $OUT/teacher"
@@ -31,3 +32,4 @@ echo "== 2/2 student: MoCo-v2 + MGD (amp) ResNet-18 <- ResNet-50 -> $OUT/mgd"
     --teacher-checkpoint "$OUT/teacher/$LAST" --mgd-schedule every:1 --mgd-samples 2048 --output-dir "$OUT/mgd"
 
 echo "== done: student checkpoint $OUT/mgd/$LAST, logs in $OUT/*/log.txt and $OUT/*/metrics.jsonl"
+for run in teacher mgd; do grep "kNN (" "$OUT/$run/log.txt" | sed "s/^.*\] /$run run: /"; done
