@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 
 from moco_mgd.backbone import RESNET_ARCHS, STEMS
-from moco_mgd.launch import launch, process_counts
+from moco_mgd import launch
 from moco_mgd.lincls import LinclsConfig, check_config, linear_eval
 
 
@@ -71,23 +70,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> LinclsConfig:
-    names = {f.name for f in fields(LinclsConfig)}
-    return LinclsConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return launch.config_from_args(LinclsConfig, args)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    config = config_from_args(args)
-    nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
-    try:
-        world, local = process_counts(nodes, args.multiprocessing_distributed, args.nproc_per_node)
-        check_config(config, world, local)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        parser.exit(2, f"main_lincls.py: error: {exc}\n")
-    launch(linear_eval, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
-           rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
-           nproc_per_node=args.nproc_per_node, gpu=args.gpu)
+    launch.run_main(get_args_parser(), argv, LinclsConfig, check_config, linear_eval, "main_lincls.py")
 
 
 if __name__ == "__main__":

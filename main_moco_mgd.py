@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from moco_mgd.backbone import RESNET_ARCHS, STEMS
-from moco_mgd.launch import launch, process_counts
+from moco_mgd import launch
 from moco_mgd.pretrain import PretrainConfig, pretrain, validate
 
 
@@ -97,23 +97,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    fields = PretrainConfig.__dataclass_fields__
-    return PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    return launch.config_from_args(PretrainConfig, args)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    config = config_from_args(args)
-    nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
-    try:
-        world, local = process_counts(nodes, args.multiprocessing_distributed, args.nproc_per_node)
-        validate(config, world, local)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        parser.exit(2, f"main_moco_mgd.py: error: {exc}\n")
-    launch(pretrain, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
-           rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
-           nproc_per_node=args.nproc_per_node, gpu=args.gpu)
+    launch.run_main(get_args_parser(), argv, PretrainConfig, validate, pretrain, "main_moco_mgd.py")
 
 
 if __name__ == "__main__":

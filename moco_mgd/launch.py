@@ -5,6 +5,8 @@ describing this process, so there is one training code path.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -14,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group"]
+__all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
+           "config_from_args", "run_main"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -120,3 +123,30 @@ def launch(worker: Callable, config, *, dist_url: str, dist_backend: str, world_
             dist.destroy_process_group()
     else:
         worker(config, DistEnv(device=_device_for(0, gpu)))
+
+
+def config_from_args(config_class: type, args: argparse.Namespace):
+    """The dataclass ``config_class`` filled from the parsed flags of the same names."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, config_class: type,
+             check: Callable, worker: Callable, program: str) -> None:
+    """What an entry script does: parse, check everything, then start the processes.
+
+    ``check(config, world_size, local_world_size)`` raises ValueError / FileNotFoundError /
+    PermissionError for bad input; those end the program with exit code 2 and the message,
+    before any process starts.
+    """
+    args = parser.parse_args(argv)
+    config = config_from_args(config_class, args)
+    nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
+    try:
+        world, local = process_counts(nodes, args.multiprocessing_distributed, args.nproc_per_node)
+        check(config, world, local)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        parser.exit(2, f"{program}: error: {exc}\n")
+    launch(worker, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
+           rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
+           nproc_per_node=args.nproc_per_node, gpu=args.gpu)
