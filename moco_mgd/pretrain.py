@@ -218,27 +218,22 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
         if mgd is not None:
             mgd.distiller = DistributedDataParallel(mgd.distiller, device_ids=device_ids)
 
-    train_set = build_dataset(config.dataset, config.data, "train",
-                              TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus)),
-                              max_skipped=config.max_skipped_images)
-    if config.max_images:
-        train_set = random_subset(train_set, config.max_images, seed)
+    def train_images(transform):
+        # Training, matching and the kNN bank all see the same --max-images subset.
+        dataset = build_dataset(config.dataset, config.data, "train", transform, config.max_skipped_images)
+        return random_subset(dataset, config.max_images, seed) if config.max_images else dataset
+
+    train_set = train_images(TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus)))
     train_loader = _loader(train_set, batch, env, True, config.workers, seed, drop_last=True)
     match_epochs, match_loader = [], None
     if mgd is not None:
         match_epochs = matching_epochs(config.mgd_schedule, config.epochs)
-        match_set = build_dataset(config.dataset, config.data, "train", eval_transform(config.image_size),
-                                  max_skipped=config.max_skipped_images)
-        if config.max_images:  # match on the images that are trained on
-            match_set = random_subset(match_set, config.max_images, seed)
-        match_loader = _loader(random_subset(match_set, config.mgd_samples, seed), batch, env, False,
-                               config.workers, seed, drop_last=False)
+        match_set = random_subset(train_images(eval_transform(config.image_size)), config.mgd_samples, seed)
+        match_loader = _loader(match_set, batch, env, False, config.workers, seed, drop_last=False)
     knn_sets = None
     if config.knn_freq:
-        knn_train = build_dataset(config.dataset, config.data, "train", eval_transform(config.image_size))
-        if config.max_images:
-            knn_train = random_subset(knn_train, config.max_images, seed)
-        knn_sets = (knn_train, build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size)))
+        knn_sets = (train_images(eval_transform(config.image_size)),
+                    build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size)))
     metrics = MetricsLog(output_dir, env.is_main, config.wandb_project or None, config=config.to_dict())
 
     def knn_monitor(network: nn.Module, kind: str, epoch: int) -> None:
