@@ -1,0 +1,359 @@
+"""slurm/submit.py: argument handling (no SLURM needed) and jobs on a real single-node SLURM cluster.
+
+The cluster tests stand the cluster up with ``slurm/local_cluster.sh setup`` (root + apt-get; about
+15 s once the packages are installed) and tear it down at the end; a cluster that already answers is
+reused and left running. Where SLURM cannot be installed they skip, saying why, except under CI
+(``CI`` set): there they fail.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_moco_mgd
+from moco_mgd.checkpoint import list_checkpoints
+from slurm import submit
+from tests.helpers import make_image_folder, moco_v2_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+JOB_TIMEOUT = 240  # seconds a tiny CPU job may take, queueing included
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), splits=("train", "val"), per_class=8)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    checkpoint, _ = moco_v2_checkpoint("resnet50", mlp=True)
+    path = tmp_path_factory.mktemp("teacher") / "moco_v2_200ep_pretrain.pth.tar"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def _train_args(data, teacher=None, epochs=2, extra=()):
+    args = [str(data), "-a", "resnet18", "--epochs", str(epochs), "-b", "8", "--moco-k", "16", "--moco-dim", "16",
+            "-j", "0", "--image-size", "32", "--seed", "0", "--mlp", "--aug-plus", "-p", "1",
+            "--keep-checkpoints", "0", "--lr", "0.01"]
+    if teacher:
+        args += ["--teacher-checkpoint", teacher, "--mgd-samples", "12", "--mgd-schedule", "0,1"]
+    return args + list(extra)
+
+
+def _cpu_cluster_args(job_dir, tasks=1, extra=()):
+    return ["--ngpus", "0", "--tasks-per-node", str(tasks), "--cpus-per-task", "1", "--mem-gb", "2",
+            "--timeout", "60", "--job-dir", str(job_dir), *extra]
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- argument handling: no SLURM needed ---------------------------------------------------
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """An ``sbatch`` on PATH that fails if anything actually submits."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text("#!/bin/sh\necho 'fake sbatch: nothing should be submitted' >&2\nexit 99\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return sbatch
+
+
+def test_cluster_flags_parse_and_training_flags_pass_through(data_dir, teacher_path, tmp_path):
+    plan = submit.prepare("pretrain", _train_args(data_dir, teacher_path, extra=[
+        "--moco-t", "0.2", "--mgd-reducer", "sm", "--cos", "--nodes", "2", "--ngpus", "4", "--partition", "learnfair",
+        "--timeout", "600", "--account", "acc", "--qos", "high", "--constraint", "volta32gb", "--comment", "c",
+        "--mem-per-gpu", "32", "--max-requeues", "5", "--job-dir", str(tmp_path / "jobs" / "%j"),
+        "-b", "16", "--moco-k", "128"]))
+    c = plan.config
+    assert (c.arch, c.moco_t, c.mgd_reducer, c.cos, c.batch_size, c.moco_k) == ("resnet18", 0.2, "sm", True, 16, 128)
+    assert c.teacher_checkpoint == teacher_path and c.data == os.path.abspath(data_dir)
+    assert plan.world_size == 8 and plan.tasks_per_node == 4
+    s = plan.slurm
+    assert (s["nodes"], s["tasks_per_node"], s["gpus_per_node"], s["cpus_per_task"], s["timeout_min"]) == (2, 4, 4, 10, 600)
+    assert (s["slurm_partition"], s["slurm_account"], s["slurm_qos"], s["slurm_constraint"], s["slurm_comment"]) == (
+        "learnfair", "acc", "high", "volta32gb", "c")
+    assert s["slurm_mem_per_gpu"] == "32G" and "mem_gb" not in s and plan.args.max_requeues == 5
+
+
+def test_defaults_and_cpu_tasks(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = submit.prepare("pretrain", _train_args(data_dir, extra=["-b", "64", "--moco-k", "512"]))
+    assert plan.tasks_per_node == 8 and plan.slurm["gpus_per_node"] == 8 and plan.slurm["cpus_per_task"] == 10
+    assert plan.slurm["timeout_min"] == 4320 and "slurm_partition" not in plan.slurm
+    assert plan.job_dir == str(tmp_path / "runs" / "%j")
+    plan = submit.prepare("pretrain", _train_args(data_dir, extra=["--ngpus", "0", "--mem-gb", "3"]))
+    assert plan.tasks_per_node == 1 and "gpus_per_node" not in plan.slurm and plan.slurm["mem_gb"] == 3
+    assert plan.slurm["cpus_per_task"] == 1
+
+
+def test_job_id_in_job_dir_and_output_dir(data_dir, tmp_path):
+    plan = submit.prepare("pretrain", _train_args(data_dir, extra=_cpu_cluster_args(tmp_path / "exp_%j" / "run")))
+    assert plan.config.output_dir == str(tmp_path / "exp_%j" / "run")   # resolved inside the job
+    assert submit.resolve_job_id(plan.config.output_dir, "123") == str(tmp_path / "exp_123" / "run")
+    assert not list(tmp_path.glob("exp_*"))                              # nothing created before the id is known
+    assert not list(tmp_path.glob(".submit-check-*"))                    # the scratch check dir is gone
+    explicit = tmp_path / "elsewhere"
+    plan = submit.prepare("pretrain", _train_args(data_dir, extra=[*_cpu_cluster_args(tmp_path / "%j"),
+                                                                   "--output-dir", str(explicit)]))
+    assert plan.config.output_dir == str(explicit) and plan.job_dir == str(tmp_path / "%j")
+    assert submit.rendezvous_port("42") == submit.rendezvous_port("42")
+    assert 20000 <= submit.rendezvous_port("42_3") < 60000
+
+
+def test_checkpoint_requeues_the_same_configuration(data_dir, tmp_path):
+    import submitit
+
+    plan = submit.prepare("pretrain", _train_args(data_dir, extra=_cpu_cluster_args(tmp_path / "%j")))
+    trainer = submit.Trainer("pretrain", plan.config)
+    delayed = trainer.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert delayed.function.config == plan.config and delayed.function.requeued
+    # after a requeue, an explicit --resume never wins over what the job saved since
+    out = tmp_path / "out"
+    out.mkdir()
+    config = dataclasses.replace(plan.config, output_dir=str(out), resume="/old.pth.tar")
+    assert delayed.function._resume_point(config).resume == "/old.pth.tar"   # nothing saved yet
+    torch.save({"epoch": 1}, out / "checkpoint_0000.pth.tar")
+    assert delayed.function._resume_point(config).resume == ""               # pretrain() picks the newest
+    assert trainer._resume_point(config).resume == "/old.pth.tar"             # the first run: as asked
+
+
+def test_lincls_flags_pass_through(data_dir, tmp_path):
+    checkpoint, _ = moco_v2_checkpoint("resnet18", mlp=True)
+    torch.save(checkpoint, tmp_path / "moco.pth.tar")
+    plan = submit.prepare("lincls", [str(data_dir), "-a", "resnet18", "-b", "8", "--image-size", "32", "--lr", "5",
+                                     "--pretrained", str(tmp_path / "moco.pth.tar"), "--cached-features",
+                                     *_cpu_cluster_args(tmp_path / "%j", tasks=2)])
+    c = plan.config
+    assert (c.arch, c.lr, c.cached_features, c.pretrained) == ("resnet18", 5.0, True, str(tmp_path / "moco.pth.tar"))
+    assert plan.world_size == 2 and plan.slurm["tasks_per_node"] == 2
+
+
+def _fails(argv, capsys, *fragments):
+    with pytest.raises(SystemExit) as info:
+        submit.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_no_sbatch_on_path(data_dir, tmp_path):
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), "pretrain",
+                             *_train_args(data_dir, extra=_cpu_cluster_args(tmp_path / "%j"))],
+                            env={**os.environ, "PATH": str(empty)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "no SLURM on this machine (sbatch is not on PATH)" in result.stderr
+    assert "main_moco_mgd.py" in result.stderr and "torchrun" in result.stderr
+
+
+def test_unknown_entry_point(capsys):
+    _fails(["train"], capsys, "pretrain or lincls")
+
+
+def test_job_dir_not_writable(fake_sbatch, data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    _fails(["pretrain", *_train_args(data_dir, extra=_cpu_cluster_args(blocker / "%j"))], capsys,
+           "--job-dir", "is not writable")
+
+
+def test_more_tasks_than_the_batch_can_be_split_over(fake_sbatch, data_dir, tmp_path, capsys):
+    _fails(["pretrain", *_train_args(data_dir, extra=[*_cpu_cluster_args(tmp_path / "%j", tasks=4), "-b", "2"])],
+           capsys, "-b/--batch-size 2", "--tasks-per-node")
+
+
+def test_queue_not_divisible_by_the_global_batch(fake_sbatch, data_dir, tmp_path, capsys):
+    # 2 nodes x 2 tasks x 4 images = 16 per step; K = 24 is not a multiple
+    _fails(["pretrain", *_train_args(data_dir, extra=[*_cpu_cluster_args(tmp_path / "%j", tasks=2), "--nodes", "2",
+                                                      "--moco-k", "24"])],
+           capsys, "--moco-k 24 is not divisible by the global batch size 16")
+
+
+def test_missing_teacher_and_pretrained(fake_sbatch, data_dir, tmp_path, capsys):
+    _fails(["pretrain", *_train_args(data_dir, str(tmp_path / "nope.pth.tar"), extra=_cpu_cluster_args(tmp_path / "%j"))],
+           capsys, "--teacher-checkpoint", "nope.pth.tar", "does not exist")
+    _fails(["lincls", str(data_dir), "-a", "resnet18", "--pretrained", str(tmp_path / "gone.pth.tar"),
+            *_cpu_cluster_args(tmp_path / "%j")], capsys, "--pretrained", "gone.pth.tar", "does not exist")
+
+
+def test_entry_script_checks_still_apply(fake_sbatch, tmp_path, capsys):
+    _fails(["pretrain", *_train_args(tmp_path / "no_data", extra=_cpu_cluster_args(tmp_path / "%j"))], capsys,
+           "no_data")
+
+
+# --- a real single-node SLURM cluster ----------------------------------------------------
+
+def _cannot(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set, so the SLURM tests must run, but: {reason}", pytrace=False)
+    pytest.skip(f"no SLURM cluster: {reason}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """Stand up the local cluster (or reuse one that answers); tear it down if this session started it."""
+    state = tmp_path_factory.mktemp("slurm_state")
+    env = {**os.environ, "SLURM_LOCAL_STATE": str(state)}
+    if shutil.which("sinfo") and subprocess.run(["bash", str(CLUSTER), "status"], env=env,
+                                                capture_output=True).returncode == 0:
+        yield {"setup_s": 0.0, "reused": True}
+        return
+    if os.geteuid() != 0:
+        _cannot("not root (slurm/local_cluster.sh installs and starts SLURM daemons)")
+    if not shutil.which("apt-get"):
+        _cannot("no apt-get to install SLURM with")
+    start = time.monotonic()
+    result = subprocess.run(["bash", str(CLUSTER), "setup"], env=env, capture_output=True, text=True, timeout=600)
+    setup_s = time.monotonic() - start
+    if result.returncode == 3:
+        _cannot(result.stderr.strip() or result.stdout.strip())
+    if result.returncode != 0:
+        subprocess.run(["bash", str(CLUSTER), "teardown"], env=env, capture_output=True)
+        pytest.fail(f"slurm/local_cluster.sh setup failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    print(f"\nSLURM cluster set up in {setup_s:.1f} s")
+    (state / "setup_seconds").write_text(f"{setup_s:.1f}\n")
+    try:
+        yield {"setup_s": setup_s, "reused": False}
+    finally:
+        subprocess.run(["scancel", "--user", "root"], capture_output=True)
+        down = subprocess.run(["bash", str(CLUSTER), "teardown"], env=env, capture_output=True, text=True)
+        print(down.stdout)
+
+
+def _wait(job, timeout=JOB_TIMEOUT):
+    """The job's result once it is done (requeues included), or fail with its logs."""
+    deadline = time.monotonic() + timeout
+    while not job.done(force_check=True):
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", str(job.job_id)])
+            pytest.fail(f"job {job.job_id} not done after {timeout} s:\n{_logs(job)}")
+        time.sleep(1)
+    try:
+        return job.results()[0]   # task 0's (with several tasks, one result per task)
+    except Exception as exc:  # noqa: BLE001 - show the job's own logs
+        pytest.fail(f"job {job.job_id} failed ({exc}):\n{_logs(job)}")
+
+
+def _logs(job):
+    text = []
+    for path in sorted(Path(job.paths.folder).glob(f"{job.job_id}_*_log.*")):
+        text.append(f"--- {path.name}\n{path.read_text()[-3000:]}")
+    return "\n".join(text)
+
+
+@pytest.fixture(scope="module")
+def one_task_job(slurm_cluster, data_dir, teacher_path, tmp_path_factory):
+    jobs = tmp_path_factory.mktemp("jobs1")
+    job = submit.main(["pretrain", *_train_args(data_dir, teacher_path, epochs=2,
+                                                extra=_cpu_cluster_args(jobs / "%j"))])
+    return job, Path(_wait(job))
+
+
+def test_mgd_pretraining_one_task(one_task_job):
+    job, out = one_task_job
+    assert out == Path(job.paths.folder) and out.name == str(job.job_id)      # %j resolved to the job id
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
+    state = _load(out / "checkpoint_0001.pth.tar")
+    assert state["epoch"] == 2 and state["mgd"] is not None and state["arch"] == "resnet18"
+    assert "1 process(es) x 8 images on cpu" in (out / "log.txt").read_text()
+    assert "resumed from" not in (out / "log.txt").read_text()
+
+
+def test_mgd_pretraining_two_tasks_gloo(slurm_cluster, data_dir, teacher_path, tmp_path):
+    job = submit.main(["pretrain", *_train_args(data_dir, teacher_path, epochs=1,
+                                                extra=_cpu_cluster_args(tmp_path / "%j", tasks=2))])
+    out = Path(_wait(job))
+    assert "2 process(es) x 4 images" in (out / "log.txt").read_text()
+    state = _load(out / "checkpoint_0000.pth.tar")
+    assert state["epoch"] == 1 and state["mgd"] is not None
+    assert (out / f"{job.job_id}_1_log.out").exists()    # the second task ran, and logged beside the first
+
+
+def test_linear_eval_job(slurm_cluster, one_task_job, data_dir, tmp_path):
+    _, pretrain_out = one_task_job
+    last = list_checkpoints(pretrain_out)[-1]
+    job = submit.main(["lincls", str(data_dir), "-a", "resnet18", "--epochs", "2", "-b", "8", "-j", "0",
+                       "--image-size", "32", "--seed", "0", "-p", "1", "--pretrained", str(last),
+                       *_cpu_cluster_args(tmp_path / "%j")])
+    out = Path(_wait(job))
+    state = _load(out / "checkpoint.pth.tar")
+    assert state["epoch"] == 2 and state["arch"] == "resnet18"
+    assert str(last) in (out / "log.txt").read_text()
+
+
+def _wait_for_file(path, job):
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not path.exists():
+        assert time.monotonic() < deadline and not job.done(force_check=True), _logs(job)
+        time.sleep(0.2)
+
+
+def test_preemptions_requeue_and_resume_to_the_uninterrupted_result(slurm_cluster, teacher_path, tmp_path):
+    data = make_image_folder(str(tmp_path / "data"), splits=("train",), per_class=40)   # 10 steps per epoch
+    args = _train_args(data, teacher_path, epochs=3)
+    job = submit.main(["pretrain", *args, *_cpu_cluster_args(tmp_path / "jobs" / "%j")])   # --timeout 60
+    out = Path(submit.resolve_job_id(str(tmp_path / "jobs" / "%j"), job.job_id))
+    # Two preemptions, each in the epoch after a checkpoint (an epoch takes a few seconds).
+    for epoch in (0, 1):
+        _wait_for_file(out / f"checkpoint_{epoch:04d}.pth.tar", job)
+        assert not (out / "checkpoint_0002.pth.tar").exists()
+        subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
+
+    # While SLURM requeues it, the same configuration without interruption, in this process, on the
+    # job's single thread (--cpus-per-task 1) so that the arithmetic is the same.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main_moco_mgd.main([*args, "--output-dir", str(tmp_path / "straight")])
+    finally:
+        torch.set_num_threads(threads)
+
+    _wait(job)
+    log = (out / "log.txt").read_text()
+    assert f"resumed from {out / 'checkpoint_0000.pth.tar'} at epoch 1" in log, log
+    assert f"resumed from {out / 'checkpoint_0001.pth.tar'} at epoch 2" in log, log
+    task_log = (out / f"{job.job_id}_0_log.err").read_text()
+    assert task_log.count("this job is preempted") == 2, task_log[-3000:]      # not counted as time-outs
+    restarts = subprocess.run(["scontrol", "show", "job", str(job.job_id)], capture_output=True, text=True).stdout
+    assert "Restarts=2" in restarts, restarts
+    final, straight = _load(out / "checkpoint_0002.pth.tar"), _load(tmp_path / "straight" / "checkpoint_0002.pth.tar")
+    assert final["epoch"] == straight["epoch"] == 3
+    assert final["state_dict"].keys() == straight["state_dict"].keys()
+    for key in straight["state_dict"]:
+        assert torch.equal(final["state_dict"][key], straight["state_dict"][key]), key
+    for key in straight["mgd"]:
+        assert torch.equal(final["mgd"][key], straight["mgd"][key]), key
+
+
+def test_preemption_of_a_two_task_job(slurm_cluster, teacher_path, tmp_path):
+    # Both tasks come back after the requeue and meet again at the same rendezvous (same job id).
+    data = make_image_folder(str(tmp_path / "data"), splits=("train",), per_class=40)
+    job = submit.main(["pretrain", *_train_args(data, teacher_path, epochs=2),
+                       *_cpu_cluster_args(tmp_path / "%j", tasks=2)])
+    out = Path(submit.resolve_job_id(str(tmp_path / "%j"), job.job_id))
+    _wait_for_file(out / "checkpoint_0000.pth.tar", job)
+    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
+    _wait(job)
+    log = (out / "log.txt").read_text()
+    assert f"resumed from {out / 'checkpoint_0000.pth.tar'} at epoch 1" in log, log
+    assert log.count("2 process(es) x 4 images") == 2
+    assert _load(out / "checkpoint_0001.pth.tar")["epoch"] == 2
