@@ -37,15 +37,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     moco.add_argument("--resume", default="", type=str,
                       help="checkpoint of this script (checkpoint.pth.tar) to resume training or to --evaluate")
     moco.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the model on val/")
-    moco.add_argument("--world-size", default=-1, type=int, help="number of nodes")
-    moco.add_argument("--rank", default=-1, type=int, help="node rank")
-    moco.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
-                      help="rendezvous address; env:// under torchrun")
-    moco.add_argument("--dist-backend", default="nccl", type=str, help="nccl on GPU (gloo is used on CPU)")
+    launch.add_launch_arguments(moco)
     moco.add_argument("--seed", default=None, type=int)
-    moco.add_argument("--gpu", default=None, type=int, help="GPU of a single-process run")
-    moco.add_argument("--multiprocessing-distributed", action="store_true",
-                      help="one process per GPU of this node, as MoCo")
     moco.add_argument("--pretrained", default="", type=str,
                       help="pretrained weights: an official MoCo checkpoint (module.encoder_q.*), one of "
                            "main_moco_mgd.py, or a torchvision state dict; none: a random backbone")
@@ -58,9 +51,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--image-size", default=224, type=int, help="crop size (e.g. 32-64 for Fashion-MNIST)")
     run.add_argument("--stem", default="imagenet", choices=STEMS,
                      help="the stem the backbone was pretrained with ('small': 3x3 stride-1 conv, no max-pool)")
-    run.add_argument("--nproc-per-node", default=None, type=int,
-                     help="processes per node with --multiprocessing-distributed (default: one per GPU; "
-                          "needed on CPU)")
     run.add_argument("--cached-features", action="store_true",
                      help="compute the frozen backbone's pooled features of train/ and val/ once and train "
                           "fc on them (minutes instead of hours on CPU). Differs from the protocol: training "

@@ -36,15 +36,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     moco.add_argument("-p", "--print-freq", default=10, type=int)
     moco.add_argument("--resume", default="", type=str, help="checkpoint to resume from (default: the newest "
                       "complete checkpoint in --output-dir, if any)")
-    moco.add_argument("--world-size", default=-1, type=int, help="number of nodes")
-    moco.add_argument("--rank", default=-1, type=int, help="node rank")
-    moco.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
-                      help="rendezvous address; env:// under torchrun")
-    moco.add_argument("--dist-backend", default="nccl", type=str, help="nccl on GPU (gloo is used on CPU)")
+    launch.add_launch_arguments(moco)
     moco.add_argument("--seed", default=None, type=int)
-    moco.add_argument("--gpu", default=None, type=int, help="GPU of a single-process run")
-    moco.add_argument("--multiprocessing-distributed", action="store_true",
-                      help="one process per GPU of this node, as MoCo")
     moco.add_argument("--moco-dim", default=128, type=int)
     moco.add_argument("--moco-k", default=65536, type=int, help="queue size: a multiple of the global batch")
     moco.add_argument("--moco-m", default=0.999, type=float)
@@ -76,9 +69,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="autocast precision; auto = bf16 on GPU, off on CPU")
     run.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
                      help="channels_last memory format (default: on GPU)")
-    run.add_argument("--nproc-per-node", default=None, type=int,
-                     help="processes per node with --multiprocessing-distributed (default: one per GPU; "
-                          "needed on CPU)")
     run.add_argument("--shuffle-bn-splits", default=8, type=int,
                      help="in a single process, the key encoder's BN runs on this many shuffled sub-batches")
     run.add_argument("--keep-checkpoints", default=2, type=int, help="keep the newest N checkpoints (0: all)")

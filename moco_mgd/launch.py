@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 __all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
-           "config_from_args", "run_main"]
+           "add_launch_arguments", "config_from_args", "run_main"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -123,6 +123,21 @@ def launch(worker: Callable, config, *, dist_url: str, dist_backend: str, world_
             dist.destroy_process_group()
     else:
         worker(config, DistEnv(device=_device_for(0, gpu)))
+
+
+def add_launch_arguments(group) -> None:
+    """The launch flags of MoCo's scripts (same names and defaults), plus ``--nproc-per-node``."""
+    group.add_argument("--world-size", default=-1, type=int, help="number of nodes")
+    group.add_argument("--rank", default=-1, type=int, help="node rank")
+    group.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
+                       help="rendezvous address; env:// under torchrun")
+    group.add_argument("--dist-backend", default="nccl", type=str, help="nccl on GPU (gloo is used on CPU)")
+    group.add_argument("--gpu", default=None, type=int, help="GPU of a single-process run")
+    group.add_argument("--multiprocessing-distributed", action="store_true",
+                       help="one process per GPU of this node, as MoCo")
+    group.add_argument("--nproc-per-node", default=None, type=int,
+                       help="processes per node with --multiprocessing-distributed (default: one per GPU; "
+                            "needed on CPU)")
 
 
 def config_from_args(config_class: type, args: argparse.Namespace):

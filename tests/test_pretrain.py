@@ -12,23 +12,10 @@ import main_moco_mgd
 from moco_mgd.backbone import build_resnet
 from moco_mgd.checkpoint import list_checkpoints
 from moco_mgd.engine import NonFiniteLossError
-from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KNN = ["--knn-freq", "1", "--knn-k", "4"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("data")), splits=("train", "val"), per_class=8)
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    checkpoint, _ = moco_v2_checkpoint("resnet50", mlp=True)
-    path = tmp_path_factory.mktemp("teacher") / "moco_v2_200ep_pretrain.pth.tar"
-    torch.save(checkpoint, path)
-    return str(path)
 
 
 def _args(data_dir, out, teacher=None, epochs=2, extra=()):

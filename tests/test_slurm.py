@@ -28,19 +28,6 @@ CLUSTER = REPO / "slurm" / "local_cluster.sh"
 JOB_TIMEOUT = 240  # seconds a tiny CPU job may take, queueing included
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("data")), splits=("train", "val"), per_class=8)
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    checkpoint, _ = moco_v2_checkpoint("resnet50", mlp=True)
-    path = tmp_path_factory.mktemp("teacher") / "moco_v2_200ep_pretrain.pth.tar"
-    torch.save(checkpoint, path)
-    return str(path)
-
-
 def _train_args(data, teacher=None, epochs=2, extra=()):
     args = [str(data), "-a", "resnet18", "--epochs", str(epochs), "-b", "8", "--moco-k", "16", "--moco-dim", "16",
             "-j", "0", "--image-size", "32", "--seed", "0", "--mlp", "--aug-plus", "-p", "1",
