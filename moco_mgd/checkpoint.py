@@ -42,8 +42,12 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
 
 
-def check_writable(directory: str | os.PathLike) -> None:
+def check_writable(directory: str | os.PathLike, flag: str = "--output-dir") -> None:
     """Create ``directory`` if needed and prove a file can be written there, before any work.
+
+    Args:
+        directory: the directory a run will write to.
+        flag: the command-line flag that chose it, named in the error.
 
     Raises:
         PermissionError: naming the directory and the flag to change.
@@ -53,8 +57,8 @@ def check_writable(directory: str | os.PathLike) -> None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise PermissionError(f"output directory {os.fspath(directory)!r} is not writable ({exc.strerror}): "
-                              f"pass --output-dir to a directory you can write to") from None
+        raise PermissionError(f"{flag} directory {os.fspath(directory)!r} is not writable ({exc.strerror}): "
+                              f"pass {flag} to a directory you can write to") from None
 
 
 def checkpoint_path(output_dir: str | os.PathLike, epoch: int) -> Path:

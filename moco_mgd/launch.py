@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 __all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
-           "add_launch_arguments", "config_from_args", "run_main"]
+           "add_launch_arguments", "config_from_args", "run_main", "per_process_batch"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -49,6 +49,11 @@ def procs_per_node(nproc_per_node: int | None) -> int:
         return torch.cuda.device_count()
     raise ValueError("--multiprocessing-distributed starts one process per GPU and this machine has "
                      "none: pass --nproc-per-node N to run N CPU processes (gloo), or drop the flag")
+
+
+def per_process_batch(batch_size: int, local_world_size: int) -> int:
+    """``-b`` is the batch of a whole node, as in MoCo; each of its processes takes a share."""
+    return batch_size // local_world_size
 
 
 def process_counts(nodes: int, multiprocessing_distributed: bool, nproc_per_node: int | None) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from moco_mgd.checkpoint import check_writable, save_checkpoint, with_module_pre
 from moco_mgd.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform
 from moco_mgd.engine import learning_rate, set_learning_rate
 from moco_mgd.features import extract_features
-from moco_mgd.launch import DistEnv
+from moco_mgd.launch import DistEnv, per_process_batch
 from moco_mgd.logs import MetricsLog, setup_logging
 
 __all__ = ["LinclsConfig", "check_config", "linear_eval", "build_linear_model", "check_frozen_weights",
@@ -224,7 +224,7 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         torch.backends.cudnn.deterministic = True
-    device, batch = env.device, config.batch_size // env.local_world_size  # -b is a node's batch, as MoCo
+    device, batch = env.device, per_process_batch(config.batch_size, env.local_world_size)
     val_set = build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size))
     train_set = build_dataset(config.dataset, config.data, "train", train_transform(config.image_size))
     model, description = build_linear_model(config.arch, len(train_set.classes), config.pretrained, config.stem)

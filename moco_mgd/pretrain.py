@@ -26,12 +26,12 @@ from moco_mgd.distiller import MGDistiller
 from moco_mgd.engine import (MGDTraining, NonFiniteLossError, learning_rate, matching_epochs,
                              run_matching_update, set_learning_rate, train_one_epoch)
 from moco_mgd.knn import knn_evaluate
-from moco_mgd.launch import DistEnv
+from moco_mgd.launch import DistEnv, per_process_batch
 from moco_mgd.logs import MetricsLog, setup_logging
 from moco_mgd.moco import MoCo
 from moco_mgd.taps import FeatureTaps
 
-__all__ = ["PretrainConfig", "validate", "pretrain", "per_process_batch"]
+__all__ = ["PretrainConfig", "validate", "pretrain"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -88,11 +88,6 @@ class PretrainConfig:
     @property
     def use_mgd(self) -> bool:
         return self.mgd and bool(self.teacher_checkpoint)
-
-
-def per_process_batch(batch_size: int, local_world_size: int) -> int:
-    """``-b`` is the batch of a whole node, as in MoCo; each of its processes takes a share."""
-    return batch_size // local_world_size
 
 
 def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> None:

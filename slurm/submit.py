@@ -236,12 +236,9 @@ def prepare(name: str, argv: list[str]) -> Plan:
     job_dir = _absolute(args.job_dir)
     base = _writable_base(job_dir)
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=base, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise SubmitError(f"--job-dir {args.job_dir!r} is not writable ({base}: {exc.strerror}): pass --job-dir "
-                          f"on a filesystem shared by the nodes that you can write to") from None
+        check_writable(base, flag="--job-dir")
+    except PermissionError as exc:
+        raise SubmitError(f"{exc}, on a filesystem shared by the nodes") from None
     explicit_output = any(a == "--output-dir" or a.startswith("--output-dir=") for a in argv)
     args.output_dir = _absolute(args.output_dir) if explicit_output else job_dir
     if args.data:
