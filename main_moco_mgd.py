@@ -55,7 +55,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     mgd.add_argument("--mgd-loss-factor", default=1e4, type=float, help="MGD loss is divided by batch x this")
     mgd.add_argument("--mgd-schedule", default="authors",
                      help="epochs after which to re-match: 'authors' (0,1,2,3,6,9,15,26,43,74,126), 'every:N', "
-                          "or a list like 0,1,2; 0 is before training")
+                          "'none' (fixed in-order assignment: MGD without matching), or a list like 0,1,2; "
+                          "0 is before training")
     mgd.add_argument("--mgd-samples", default=20000, type=int, help="training images per matching update")
     mgd.add_argument("--no-mgd", dest="mgd", action="store_false", help="plain MoCo-v2 even with a teacher")
 

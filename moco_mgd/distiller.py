@@ -173,6 +173,14 @@ class MGDistiller(nn.Module):
         self._num_images += student_feats[0].shape[0]
 
     @torch.no_grad()
+    def set_fixed_matching(self) -> None:
+        """Use :func:`~moco_mgd.mgd.fixed_assignment` on every stage instead of solving a matching."""
+        for i, (cs, ct) in enumerate(zip(self.student_channels, self.teacher_channels)):
+            getattr(self, f"assignment{i}").copy_(mgd.fixed_assignment(ct, cs, sparse=self.reducer == "sm"))
+        self.num_matchings += 1
+        self._derive_groups()
+
+    @torch.no_grad()
     def update_matching(self) -> list[StageMatching]:
         """Solve every stage's matching from the accumulated costs (summed over all ranks).
 

@@ -70,7 +70,8 @@ def matching_epochs(spec: str, epochs: int) -> list[int]:
     """Parse ``--mgd-schedule``: the epochs after which the matching is re-solved.
 
     ``"authors"`` is :data:`AUTHORS_MATCHING_EPOCHS`; ``"every:N"`` is 0, N, 2N, ...
-    (the paper's "every N epochs"); otherwise a comma-separated list of epochs.
+    (the paper's "every N epochs"); ``"none"`` is no matching at all (a fixed assignment,
+    the paper's without-matching ablation: no epochs); otherwise a comma-separated list.
     Epoch 0 means before training. Epochs past the end are dropped.
 
     Raises:
@@ -80,6 +81,8 @@ def matching_epochs(spec: str, epochs: int) -> list[int]:
     try:
         if spec == "authors":
             chosen = list(AUTHORS_MATCHING_EPOCHS)
+        elif spec == "none":
+            return []
         elif spec.startswith("every:"):
             step = int(spec.split(":", 1)[1])
             if step <= 0:
@@ -91,7 +94,7 @@ def matching_epochs(spec: str, epochs: int) -> list[int]:
                 raise ValueError
     except ValueError:
         raise ValueError(
-            f"--mgd-schedule {spec!r} is not a schedule: use 'authors', 'every:N' (e.g. every:1), "
+            f"--mgd-schedule {spec!r} is not a schedule: use 'authors', 'every:N' (e.g. every:1), 'none', "
             f"or a comma-separated list of epochs such as 0,1,2,3,6"
         ) from None
     return sorted({e for e in chosen if e < epochs})
@@ -217,6 +220,7 @@ def run_matching_update(
         f"matching after {epoch} epoch(s): {reports[0].num_images} images ({seen} on this rank) in {seconds:.1f}s; "
         + "; ".join(f"{r.stage} cost {r.cost:.4f} changed {r.changed}" for r in reports)
     )
-    if metrics is not None:
+    if metrics is not None:  # the whole assignment, for the stability figure (a few KB per update)
         metrics.log("matching", epoch=epoch, seconds=seconds, num_images=reports[0].num_images,
-                    cost={r.stage: r.cost for r in reports}, changed={r.stage: r.changed for r in reports})
+                    cost={r.stage: r.cost for r in reports}, changed={r.stage: r.changed for r in reports},
+                    assignment={r.stage: a for r, a in zip(reports, mgd.core.assignments())})

@@ -26,6 +26,7 @@ __all__ = [
     "channel_cost",
     "balanced_assignment",
     "sparse_assignment",
+    "fixed_assignment",
     "assignment_groups",
     "reduce",
     "reduce_grouped",
@@ -163,6 +164,27 @@ def sparse_assignment(cost: torch.Tensor) -> torch.Tensor:
     rows, cols = linear_sum_assignment(c)
     assignment = torch.full((c.shape[1],), -1, dtype=torch.long)
     assignment[torch.from_numpy(cols)] = torch.from_numpy(rows).long()
+    return assignment
+
+
+def fixed_assignment(num_teacher_channels: int, num_student_channels: int, sparse: bool = False) -> torch.Tensor:
+    """The assignment of MGD *without matching* (the paper's "with vs. without matching" ablation).
+
+    Teacher channels are handed out in order, with no regard to cost: balanced, student ``i``
+    gets teacher channels ``i*alpha .. i*alpha + alpha - 1``; sparse, it gets channel ``i*alpha``
+    alone (``alpha = floor(Ct / Cs)``). Left-over teacher channels stay unmatched.
+
+    Returns:
+        ``LongTensor[Ct]`` in the encoding of :func:`balanced_assignment`.
+    """
+    ct, cs = int(num_teacher_channels), int(num_student_channels)
+    if not 0 < cs <= ct:
+        raise ValueError(f"need 0 < student channels <= teacher channels, got {cs} and {ct}")
+    alpha = ct // cs
+    teacher = torch.arange(ct)
+    assignment = torch.where(teacher < alpha * cs, teacher // alpha, -1)
+    if sparse:
+        assignment[teacher % alpha != 0] = -1
     return assignment
 
 

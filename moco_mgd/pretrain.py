@@ -249,7 +249,11 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
     if knn_sets is not None and mgd is not None and start_epoch == 0:
         knn_monitor(mgd.teacher, "knn_teacher", 0)   # the reference line the student is heading for
     if mgd is not None and not mgd.core.is_matched:
-        run_matching_update(mgd, match_loader, None, device, autocast_dtype, epoch=0, metrics=metrics)
+        if config.mgd_schedule.strip() == "none":
+            mgd.core.set_fixed_matching()
+            logger.info("--mgd-schedule none: teacher channels assigned in order, never matched")
+        else:
+            run_matching_update(mgd, match_loader, None, device, autocast_dtype, epoch=0, metrics=metrics)
     try:
         for epoch in range(start_epoch, config.epochs):
             train_loader.sampler.set_epoch(epoch)

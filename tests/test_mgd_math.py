@@ -132,6 +132,22 @@ def test_assignment_groups_lists_matched_teachers_in_order():
     assert mgd.assignment_groups(ASSIGNMENT, 2).tolist() == [GROUPS[0], GROUPS[1]]
 
 
+@pytest.mark.parametrize("ct, cs", [(8, 2), (7, 3), (4, 4)])
+def test_fixed_assignment_hands_teacher_channels_out_in_order(ct, cs):
+    alpha = ct // cs
+    balanced = mgd.fixed_assignment(ct, cs)
+    assert balanced.tolist() == [j // alpha if j < alpha * cs else -1 for j in range(ct)]
+    assert mgd.assignment_groups(balanced, cs).tolist() == [list(range(i * alpha, (i + 1) * alpha))
+                                                            for i in range(cs)]
+    sparse = mgd.fixed_assignment(ct, cs, sparse=True)
+    assert mgd.assignment_groups(sparse, cs).squeeze(1).tolist() == [i * alpha for i in range(cs)]
+
+
+def test_fixed_assignment_rejects_a_wider_student():
+    with pytest.raises(ValueError, match="student channels <= teacher channels"):
+        mgd.fixed_assignment(4, 8)
+
+
 def test_assignment_groups_rejects_unbalanced():
     with pytest.raises(ValueError, match="same number"):
         mgd.assignment_groups(torch.tensor([0, 0, 1, -1]), 2)

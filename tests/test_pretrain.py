@@ -78,6 +78,11 @@ def test_logs_and_metrics_are_written(mgd_run):
     assert len([r for r in records if r["kind"] == "knn_teacher"]) == 1
     matching = [r for r in records if r["kind"] == "matching"]
     assert [m["epoch"] for m in matching] == [0, 1]
+    # The whole assignment of every update is logged (the stability figure reads it); the last equals
+    # the checkpoint's.
+    final = _load(mgd_run / "checkpoint_0001.pth.tar")["mgd"]
+    for i, stage in enumerate(["layer1", "layer2", "layer3", "layer4"]):
+        assert matching[-1]["assignment"][stage] == final[f"assignment{i}"].tolist()
     log = (mgd_run / "log.txt").read_text()
     assert "matching after 0 epoch(s)" in log and "InfoNCE" in log and "img/s" in log
 
@@ -92,6 +97,16 @@ def test_resume_gives_the_same_result_as_not_stopping(mgd_run, data_dir, teacher
     # The resumed run re-evaluates nothing it had done: no second teacher reference line.
     assert "knn_teacher" not in (stopped / "metrics.jsonl").read_text()
     assert "resumed from" in (stopped / "log.txt").read_text()
+
+
+def test_mgd_without_matching_keeps_the_in_order_assignment(data_dir, teacher_path, tmp_path):
+    main_moco_mgd.main(_args(data_dir, tmp_path, teacher_path, epochs=1, extra=["--mgd-schedule", "none"]))
+    state = _load(tmp_path / "checkpoint_0000.pth.tar")["mgd"]
+    # ResNet-50 layer1 has 256 channels, ResNet-18's 64: teacher channel j goes to student j // 4.
+    assert state["assignment0"].tolist() == [j // 4 for j in range(256)]
+    assert int(state["num_matchings"]) == 1
+    assert '"kind": "matching"' not in (tmp_path / "metrics.jsonl").read_text()
+    assert "never matched" in (tmp_path / "log.txt").read_text()
 
 
 def test_plain_moco_without_teacher(data_dir, tmp_path):
