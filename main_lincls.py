@@ -56,6 +56,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           "fc on them (minutes instead of hours on CPU). Differs from the protocol: training "
                           "images are not augmented (the val resize + centre crop replaces RandomResizedCrop + "
                           "flip). Same optimizer, schedule, batch size and checkpoints")
+    run.add_argument("--max-images", default=0, type=int,
+                     help="train fc on a random subset of this many labelled images (0: all); with the same "
+                          "--seed it is the subset main_moco_mgd.py --max-images pretrained on")
     return parser
 
 

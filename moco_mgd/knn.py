@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from moco_mgd import distributed
-from moco_mgd.backbone import RESNET_ARCHS, STEMS, load_frozen_backbone
-from moco_mgd.data import DATASETS, build_dataset, check_same_classes, eval_transform
+from moco_mgd.backbone import RESNET_ARCHS, STEMS, build_resnet, load_frozen_backbone, resnet_trunk
+from moco_mgd.data import DATASETS, build_dataset, check_same_classes, eval_transform, random_subset
 from moco_mgd.features import extract_features
 from moco_mgd.launch import init_process_group, launched_by_torchrun
 
@@ -190,7 +190,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", metavar="DATA", nargs="?", default="", help="holds train/CLASS/* and val/CLASS/*"
                         " (fashion-mnist: the IDX directory, default /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--pretrained", required=True, help="this project's, MoCo's or a torchvision checkpoint")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--pretrained", help="this project's, MoCo's or a torchvision checkpoint")
+    weights.add_argument("--random-init", action="store_true",
+                         help="no checkpoint: a randomly initialised network (--seed), the floor pretraining must beat")
+    parser.add_argument("--seed", default=0, type=int, help="of --random-init and of the --max-images draw")
+    parser.add_argument("--max-images", default=0, type=int,
+                        help="a random subset of this many train images as the bank (0: all); with the same "
+                             "--seed it is the subset main_moco_mgd.py --max-images trained on")
     parser.add_argument("-a", "--arch", default="resnet18", choices=RESNET_ARCHS)
     parser.add_argument("--stem", default="imagenet", choices=STEMS)
     parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
@@ -202,6 +209,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="faiss", choices=BACKENDS)
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                         help="autocast of the feature extraction; auto = bf16 on GPU, off on CPU")
+    parser.add_argument("--output-dir", default="", help="also append the result to OUTPUT_DIR/metrics.jsonl")
     return parser
 
 
@@ -222,10 +230,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.backend == "faiss" and importlib.util.find_spec("faiss") is None:
             raise ValueError("faiss is not installed: install faiss-cpu or faiss-gpu, or pass --backend torch")
-        model = load_frozen_backbone(args.arch, args.pretrained, args.stem).to(device)
+        if args.random_init:
+            torch.manual_seed(args.seed)
+            model = resnet_trunk(build_resnet(args.arch, stem=args.stem)).eval().requires_grad_(False)
+        else:
+            model = load_frozen_backbone(args.arch, args.pretrained, args.stem)
+        model = model.to(device)
+        if args.max_images < 0:
+            raise ValueError(f"--max-images {args.max_images}: pass a positive number, or 0 for all images")
         train_set, val_set = (build_dataset(args.dataset, args.data, split, eval_transform(args.image_size))
                               for split in ("train", "val"))
         check_same_classes(train_set, val_set)
+        if args.max_images:
+            train_set = random_subset(train_set, args.max_images, args.seed)
         if args.k > len(train_set):
             raise ValueError(f"k={args.k} is larger than the {len(train_set)} train images: lower -k")
     except (FileNotFoundError, ValueError) as exc:
@@ -233,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     if torchrun:
         init_process_group("nccl", "env://", int(os.environ["WORLD_SIZE"]), rank, device)
     try:
-        logger.info(f"kNN of {args.arch} {args.pretrained}: {len(train_set)} train, {len(val_set)} val images, "
+        logger.info(f"kNN of {args.arch} {args.pretrained or 'random init (seed ' + str(args.seed) + ')'}: {len(train_set)} train, {len(val_set)} val images, "
                     f"{distributed.get_world_size()} process(es) on {device}, {args.backend} search")
         result = knn_evaluate(model, train_set, val_set, args.batch_size, device, args.k, args.temperature,
                               args.workers, autocast_dtype, args.backend)
@@ -243,6 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         top5 = f" top-5 {result['top5']:.2f}" if "top5" in result else ""
         print(f"kNN (k={args.k}, T={args.temperature}) top-1 {result['top1']:.2f}{top5} on {len(val_set)} val images")
+        if args.output_dir:
+            from moco_mgd.logs import MetricsLog
+
+            os.makedirs(args.output_dir, exist_ok=True)
+            metrics = MetricsLog(args.output_dir, True)
+            metrics.log("knn", epoch=0, k=args.k, temperature=args.temperature, **result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from torchvision import transforms
 from moco_mgd import distributed
 from moco_mgd.backbone import build_resnet, load_checkpoint_file, load_pretrained_backbone, resnet_trunk
 from moco_mgd.checkpoint import check_writable, save_checkpoint, with_module_prefix
-from moco_mgd.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform
+from moco_mgd.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform,
+                           random_subset)
 from moco_mgd.engine import learning_rate, set_learning_rate
 from moco_mgd.features import extract_features
 from moco_mgd.launch import DistEnv, per_process_batch
@@ -63,6 +64,7 @@ class LinclsConfig:
     image_size: int = 224
     stem: str = "imagenet"
     cached_features: bool = False
+    max_images: int = 0
 
 
 def train_transform(image_size: int = 224):
@@ -208,6 +210,8 @@ def check_config(config: LinclsConfig, world_size: int, local_world_size: int) -
     if local_world_size > config.batch_size:
         raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
                          f"of a node: each process needs at least one image")
+    if config.max_images < 0:
+        raise ValueError(f"--max-images {config.max_images}: pass a positive number, or 0 for all images")
     train_set = build_dataset(config.dataset, config.data, "train")
     check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))
     model, _ = build_linear_model(config.arch, len(train_set.classes), config.pretrained, config.stem)
@@ -225,9 +229,15 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
         torch.manual_seed(config.seed)
         torch.backends.cudnn.deterministic = True
     device, batch = env.device, per_process_batch(config.batch_size, env.local_world_size)
+    def train_images(transform):
+        # The subset rule of main_moco_mgd.py --max-images: the same --seed draws the same images.
+        dataset = build_dataset(config.dataset, config.data, "train", transform)
+        return random_subset(dataset, config.max_images, config.seed or 0) if config.max_images else dataset
+
     val_set = build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size))
-    train_set = build_dataset(config.dataset, config.data, "train", train_transform(config.image_size))
-    model, description = build_linear_model(config.arch, len(train_set.classes), config.pretrained, config.stem)
+    train_set = train_images(train_transform(config.image_size))
+    # check_config made sure train and val have the same classes; a Subset has no .classes.
+    model, description = build_linear_model(config.arch, len(val_set.classes), config.pretrained, config.stem)
     logger.info(description)
     model.to(device)
     reference = frozen_state(model) if config.pretrained else {}  # MoCo checks against --pretrained
@@ -252,7 +262,8 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
     if config.cached_features:  # no augmentation: the backbone's features never change, compute them once
         cached = []
         for split in ("train", "val"):  # both under the val transform; the trunk is the model with fc = identity
-            dataset = build_dataset(config.dataset, config.data, split, eval_transform(config.image_size))
+            dataset = (train_images(eval_transform(config.image_size)) if split == "train" else
+                       build_dataset(config.dataset, config.data, split, eval_transform(config.image_size)))
             cached.append(TensorDataset(*extract_features(resnet_trunk(model), dataset, batch, device,
                                                           config.workers)))
             logger.info(f"cached {split} features {tuple(cached[-1].tensors[0].shape)}")

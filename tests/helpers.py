@@ -1,9 +1,12 @@
 """Small builders shared by the tests: checkpoints on disk and a real process group."""
 from __future__ import annotations
 
+import gzip
 import os
 import socket
+import struct
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -92,3 +95,28 @@ def make_image_folder(root, splits=("train",), classes=2, per_class=8, size=40, 
                 pixels = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"img{i}.png"))
     return root
+
+
+def write_idx(path, magic, array, gz):
+    payload = struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in array.shape) + array.tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(payload)
+
+
+def write_fashion_mnist(root, prefix="train", n=5, gz=True, seed=0, structured=False):
+    """IDX files as Fashion-MNIST ships them; returns the images and labels written.
+
+    ``structured``: class ``c`` is a bright bar at row ``2c + 4`` on noise, so that features
+    of even a random network classify above chance; otherwise pure noise.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    images = rng.integers(0, 256 if not structured else 80, size=(n, 28, 28), dtype=np.uint8)
+    if structured:
+        for image, label in zip(images, labels):
+            image[2 * label + 4: 2 * label + 7, 3:25] = 255
+    ext = ".gz" if gz else ""
+    os.makedirs(root, exist_ok=True)
+    write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}"), 2051, images, gz)
+    write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}"), 2049, labels, gz)
+    return images, labels

@@ -1,9 +1,7 @@
 """moco_mgd.data on real files: tiny IDX files and image folders written under tmp_path."""
-import gzip
 import logging
 import os
 import random
-import struct
 
 import numpy as np
 import pytest
@@ -12,26 +10,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from moco_mgd import data
+from tests.helpers import write_fashion_mnist as _write_fashion, write_idx as _write_idx
 from moco_mgd.data import (FASHION_MNIST_DIR, FashionMNIST, GaussianBlur, ImageFolderDataset, TwoCropsTransform,
                            build_dataset, eval_transform, find_fashion_mnist, random_subset, pretrain_transform)
-
-
-def _write_idx(path, magic, array, gz):
-    payload = struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in array.shape) + array.tobytes()
-    with (gzip.open if gz else open)(path, "wb") as f:
-        f.write(payload)
-
-
-def _write_fashion(root, prefix="train", n=5, gz=True, seed=0):
-    """IDX files as Fashion-MNIST ships them; returns the images and labels written."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    ext = ".gz" if gz else ""
-    os.makedirs(root, exist_ok=True)
-    _write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}"), 2051, images, gz)
-    _write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}"), 2049, labels, gz)
-    return images, labels
 
 
 def _image_folder(root, classes=2, per_class=3, size=40):

@@ -163,6 +163,26 @@ def test_cli_end_to_end(folders, checkpoint, capsys):
     assert float(line.split()[4]) >= 75.0, line
 
 
+def test_cli_random_init_on_a_subset_writes_metrics(tmp_path, capsys):
+    from moco_mgd.logs import read_metrics
+    from tests.helpers import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path / "fm", "train", n=40, structured=True)
+    write_fashion_mnist(tmp_path / "fm", "t10k", n=20, seed=1, structured=True)
+    args = [str(tmp_path / "fm"), "--dataset", "fashion-mnist", "--random-init", "--seed", "3", "--max-images", "30",
+            "-k", "5", "-b", "16", "-j", "0", "--image-size", "32", "--output-dir", str(tmp_path / "out")]
+    knn.main(args)
+    assert "30 train, 20 val images" in capsys.readouterr().out
+    knn.main(args)  # the same seed draws the same network and subset
+    first, second = read_metrics(tmp_path / "out")
+    assert first["kind"] == "knn" and first["top1"] == second["top1"]
+    # The bars are separable even by random features: far above the 10% of chance.
+    assert first["top1"] >= 50.0, first
+    with pytest.raises(SystemExit):
+        knn.main(args + ["--pretrained", "x.pth"])  # one source of weights, not two
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def _cli_error(folders, checkpoint, capsys, *extra) -> str:
     with pytest.raises(SystemExit) as exc:
         _cli(folders, checkpoint, *extra)

@@ -142,6 +142,11 @@ def test_cached_features_separates_an_easy_dataset(tmp_path):
     assert epochs[-1]["top1"] == 100.0 and epochs[-1]["top5"] == 100.0
     assert _load(out / "model_best.pth.tar")["best_acc1"] == 100.0
     assert "cached train features (20, 512)" in (out / "log.txt").read_text()
+    # --max-images draws the training subset (of the cached features too); val stays whole.
+    main_lincls.main(_args(tmp_path / "easy", tmp_path / "subset", epochs=1,
+                           extra=["--cached-features", "--max-images", "7", "-p", "0"]))
+    log = (tmp_path / "subset" / "log.txt").read_text()
+    assert "cached train features (7, 512)" in log and "cached val features (20, 512)" in log
     # The checkpoint is a whole model: evaluating it on the images (val transform) gives the same result.
     main_lincls.main(_args(tmp_path / "easy", tmp_path / "eval",
                            extra=["-e", "--resume", str(out / "checkpoint.pth.tar")]))
