@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["setup_logging", "MetricsLog", "format_duration"]
+__all__ = ["setup_logging", "MetricsLog", "format_duration", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -91,7 +91,53 @@ class MetricsLog:
             flat = {f"{kind}/{k}": v for k, v in values.items() if isinstance(_plain(v), (int, float))}
             self._wandb.log(flat, step=step)
 
+    def log_images(self, images: Mapping[str, str | os.PathLike]) -> None:
+        """Send image files (``{name: path}``, e.g. the PNGs of :mod:`moco_mgd.plots`) to wandb.
+
+        A no-op when wandb is off: the files on disk are the record.
+        """
+        if self._wandb is None or not images:
+            return
+        import wandb
+
+        self._wandb.log({f"figures/{name}": wandb.Image(str(path)) for name, path in images.items()})
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics log, in the order they were written.
+
+    Args:
+        path: the ``metrics.jsonl`` file, or the run's output directory that holds it.
+
+    Returns:
+        One dict per line. Values that were NaN or infinite are the strings ``"nan"``,
+        ``"inf"``, ``"-inf"`` (``float()`` reads them back).
+
+    Raises:
+        FileNotFoundError: no log at ``path``.
+        ValueError: a line is not a JSON object; the message names the file and line number.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics log at {path}: main_moco_mgd.py and main_lincls.py write "
+                                f"OUTPUT_DIR/{METRICS_FILE}; pass a run's output directory or that file")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records

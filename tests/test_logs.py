@@ -31,3 +31,20 @@ def test_wandb_runs_offline(tmp_path, monkeypatch):
 
 def test_format_duration():
     assert format_duration(3725) == "1:02:05"
+
+
+def test_images_go_to_wandb_only_when_it_is_on(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    png = tmp_path / "curve.png"
+    figure = Figure(figsize=(2, 2))
+    figure.subplots().plot([0, 1], [1, 0])
+    figure.savefig(png)
+    MetricsLog(tmp_path / "off", enabled=True).log_images({"curve": png})  # no wandb: nothing to do
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLog(tmp_path, enabled=True, wandb_project="moco-mgd-test")
+    log.log_images({"curve": png})
+    log.close()
+    sent = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/figures/curve_*.png"))
+    assert len(sent) == 1 and sent[0].read_bytes() == png.read_bytes()
