@@ -1,0 +1,266 @@
+"""MoCo-v2 teacher, MoCo-v2 baseline and MGD students on Fashion-MNIST, evaluated the same way.
+
+Every run is a real ``main_moco_mgd.py`` / ``main_lincls.py`` process, exactly what a user
+would type. The teacher (plain MoCo-v2, ``--teacher-arch``) is trained once, with the first
+seed, and distils every student, as the paper distils every student from one checkpoint.
+Each student method runs once per seed. Every run is evaluated twice: kNN top-1 on the test
+set at the end of pretraining, then MoCo's linear protocol on cached features; so is the
+student with random weights, the floor any pretraining must beat (on Fashion-MNIST a high one). The table
+(mean ± std over seeds) is printed and written to ``OUTPUT/results.md`` and ``results.json``;
+the figures of the first seed's MGD run go to ``OUTPUT/figures``.
+
+An interrupted experiment resumes: a run whose ``result.json`` exists is not redone, and an
+unfinished pretraining resumes from its last checkpoint.
+
+    python experiments/fashion_mnist.py --epochs 10 --images 16384 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from moco_mgd import plots  # noqa: E402
+from moco_mgd.data import FASHION_MNIST_DIR, find_fashion_mnist  # noqa: E402
+from moco_mgd.results import read_result, results_table, run_result, write_result  # noqa: E402
+
+# Student methods: the pretraining flags each adds to the common ones. None: no teacher.
+METHODS: dict[str, list[str] | None] = {
+    "baseline": None,
+    "mgd-amp": ["--mgd-reducer", "amp"],
+    "mgd-rd": ["--mgd-reducer", "rd"],
+    "mgd-sm": ["--mgd-reducer", "sm"],
+    "mgd-amp-nomatch": ["--mgd-reducer", "amp", "--mgd-schedule", "none"],
+}
+TITLES = {"teacher": "teacher (MoCo-v2 {teacher})", "baseline": "baseline (MoCo-v2 {student})",
+          "mgd-amp": "MGD-AMP", "mgd-rd": "MGD-RD", "mgd-sm": "MGD-SM",
+          "mgd-amp-nomatch": "MGD-AMP without matching", "random": "random init {student}"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="output/fashion_mnist")
+    parser.add_argument("--data", default="", help=f"directory of the IDX files (default {FASHION_MNIST_DIR}, "
+                                                     "installed from Debian's dataset-fashion-mnist if missing)")
+    parser.add_argument("--download", action="store_true",
+                        help="if the data is missing and cannot be installed with apt, let torchvision download it "
+                             "into OUTPUT/data (network access)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=5, help="pretraining epochs of every run")
+    parser.add_argument("--teacher-epochs", type=int, default=0, help="the teacher's (default: --epochs)")
+    parser.add_argument("--images", type=int, default=8192, help="training images (a random subset; 60000: all)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--stem", default="imagenet", choices=["imagenet", "small"])
+    parser.add_argument("--student-arch", default="resnet18")
+    parser.add_argument("--teacher-arch", default="resnet50")
+    parser.add_argument("-b", "--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.06)
+    parser.add_argument("--moco-k", type=int, default=4096)
+    parser.add_argument("--moco-t", type=float, default=0.2, help="MoCo-v2's temperature")
+    parser.add_argument("--moco-m", type=float, default=0.99,
+                        help="0.99, not MoCo's 0.999: a few hundred steps would leave the key encoder half at init")
+    parser.add_argument("--mgd-schedule", default="every:1")
+    parser.add_argument("--mgd-samples", type=int, default=2048)
+    parser.add_argument("--mgd-loss-factor", type=float, default=1e4)
+    parser.add_argument("--knn-freq", type=int, default=0, help="kNN every N epochs (default: at the end only)")
+    parser.add_argument("--knn-k", type=int, default=20)
+    parser.add_argument("--knn-t", type=float, default=0.07)
+    parser.add_argument("--lincls-epochs", type=int, default=100, help="MoCo's 100, lr 30, drops at 60 and 80")
+    parser.add_argument("-j", "--workers", type=int, default=2)
+    parser.add_argument("--print-freq", type=int, default=50)
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the runs")
+    parser.add_argument("--teacher-from", default="",
+                        help="an earlier experiment's output directory: distil from its finished teacher instead "
+                             "of training one (ablations of the students alone)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the table and figures of the runs finished so far (e.g. by parallel jobs)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "images", "image_size", "batch_size", "lincls_epochs"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.images < args.batch_size:
+        raise SystemExit(f"--images {args.images} is smaller than one batch (-b {args.batch_size})")
+    if args.moco_k % args.batch_size:
+        raise SystemExit(f"--moco-k {args.moco_k} must be a multiple of -b {args.batch_size}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds {args.seeds} repeats a seed")
+
+
+def fashion_mnist_dir(args: argparse.Namespace) -> str:
+    """Where the IDX files are; installs Debian's package, or downloads with --download. Says which."""
+    if args.data:
+        try:
+            return find_fashion_mnist(args.data)
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--data: {exc}") from None
+    try:
+        return find_fashion_mnist()
+    except FileNotFoundError:
+        pass
+    if shutil.which("apt-get"):
+        print(f"Fashion-MNIST is not in {FASHION_MNIST_DIR}: installing Debian's dataset-fashion-mnist (30 MB)",
+              flush=True)
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        install = sudo + ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]
+        if subprocess.run(install).returncode != 0:
+            subprocess.run(sudo + ["apt-get", "update", "-q"])
+            subprocess.run(install)
+        try:
+            return find_fashion_mnist()
+        except FileNotFoundError:
+            pass
+    if not args.download:
+        raise SystemExit(f"Fashion-MNIST is not in {FASHION_MNIST_DIR} and apt-get could not install it: "
+                         "install dataset-fashion-mnist, pass --data DIR with the IDX files, or allow a "
+                         "download with --download")
+    from torchvision.datasets import FashionMNIST
+
+    root = Path(args.output_dir) / "data"
+    print(f"downloading Fashion-MNIST with torchvision into {root} (--download)", flush=True)
+    FashionMNIST(str(root), train=True, download=True)
+    FashionMNIST(str(root), train=False, download=True)
+    return find_fashion_mnist(str(root / "FashionMNIST" / "raw"))
+
+
+def run_command(command: list[str], log_path: Path) -> float:
+    """Run one stage as its own process, output appended to ``log_path``; its wall time in seconds."""
+    print("  $ " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        returncode = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"{command[1]} failed (exit {returncode}); the end of {log_path}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def lincls_flags(args: argparse.Namespace) -> list[str]:
+    """MoCo's linear protocol (lr 30, x0.1 at 60% and 80% of the epochs) on cached features."""
+    return ["--cached-features", "--epochs", str(args.lincls_epochs), "--schedule", str(args.lincls_epochs * 6 // 10),
+            str(args.lincls_epochs * 8 // 10), "-p", "1000"]
+
+
+def last_checkpoint(run_dir: Path, epochs: int) -> Path:
+    return run_dir / f"checkpoint_{epochs - 1:04d}.pth.tar"
+
+
+def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path, arch: str, epochs: int,
+                          extra: list[str]) -> dict:
+    """Pretrain one run (unless its result exists), evaluate it, record its result."""
+    done = read_result(run_dir)
+    if done is not None:
+        print(f"== {method} seed {seed}: done before ({run_dir / 'result.json'})", flush=True)
+        return done
+    print(f"== {method} seed {seed} -> {run_dir}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
+              "-j", str(args.workers), "--seed", str(seed)]
+    pretrain = [args.python, "main_moco_mgd.py", *common, "-a", arch, "--epochs", str(epochs),
+                "-b", str(args.batch_size), "--lr", str(args.lr), "--moco-k", str(args.moco_k), "--moco-t",
+                str(args.moco_t), "--moco-m", str(args.moco_m), "--mlp",
+                "--aug-plus", "--cos", "--max-images", str(args.images), "-p", str(args.print_freq),
+                "--knn-freq", str(args.knn_freq or epochs), "--knn-k", str(args.knn_k), "--knn-t", str(args.knn_t),
+                "--output-dir", str(run_dir), *extra]
+    pretrain_seconds = run_command(pretrain, run_dir / "stdout.txt")
+    lincls_dir = run_dir / "lincls"
+    lincls_dir.mkdir(exist_ok=True)
+    for stale in ("metrics.jsonl", "checkpoint.pth.tar", "model_best.pth.tar"):  # a half-done eval restarts
+        (lincls_dir / stale).unlink(missing_ok=True)
+    lincls = [args.python, "main_lincls.py", *common, "-a", arch, "--pretrained", str(last_checkpoint(run_dir, epochs)),
+              "--max-images", str(args.images), "--output-dir", str(lincls_dir), *lincls_flags(args)]
+    eval_seconds = run_command(lincls, lincls_dir / "stdout.txt")
+    result = run_result(run_dir, lincls_dir, method=method, seed=seed, arch=arch, epochs=epochs,
+                        pretrain_seconds=pretrain_seconds, eval_seconds=eval_seconds)
+    write_result(run_dir, result)
+    print(f"   kNN top-1 {result['knn_top1']:.2f}, linear top-1 {result['linear_top1']:.2f}, "
+          f"{pretrain_seconds:.0f} s + {eval_seconds:.0f} s", flush=True)
+    return result
+
+
+def evaluate_random_init(args, data: str, seed: int, run_dir: Path) -> dict:
+    """The floor every pretraining must beat: the student architecture with random weights."""
+    done = read_result(run_dir)
+    if done is not None:
+        print(f"== random init seed {seed}: done before ({run_dir / 'result.json'})", flush=True)
+        return done
+    print(f"== random init seed {seed} -> {run_dir}", flush=True)
+    (run_dir / "lincls").mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / "metrics.jsonl", run_dir / "lincls" / "metrics.jsonl"):  # a half-done eval restarts
+        stale.unlink(missing_ok=True)
+    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
+              "-j", str(args.workers), "--seed", str(seed), "-a", args.student_arch,
+              "--max-images", str(args.images), "--output-dir"]
+    start = time.perf_counter()
+    run_command([args.python, "-m", "moco_mgd.knn", *common, str(run_dir), "--random-init", "-k", str(args.knn_k),
+                 "--temperature", str(args.knn_t), "-b", str(args.batch_size)], run_dir / "stdout.txt")
+    run_command([args.python, "main_lincls.py", *common, str(run_dir / "lincls"), *lincls_flags(args)],
+                run_dir / "lincls" / "stdout.txt")
+    result = run_result(run_dir, run_dir / "lincls", method="random", seed=seed, arch=args.student_arch, epochs=0,
+                        pretrain_seconds=0.0, eval_seconds=time.perf_counter() - start)
+    write_result(run_dir, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    data = "" if args.report_only else fashion_mnist_dir(args)
+    start = time.perf_counter()
+    teacher_dir = Path(args.teacher_from) / "teacher" if args.teacher_from else output / "teacher"
+    if args.teacher_from and read_result(teacher_dir) is None:
+        raise SystemExit(f"--teacher-from {args.teacher_from}: no finished teacher there ({teacher_dir / 'result.json'} "
+                         "is missing); run that experiment first, or drop --teacher-from")
+    teacher_epochs = read_result(teacher_dir)["epochs"] if args.teacher_from else args.teacher_epochs or args.epochs
+    teacher_flags = ["--teacher-arch", args.teacher_arch,
+                     "--teacher-checkpoint", str(last_checkpoint(teacher_dir, teacher_epochs)),
+                     "--mgd-schedule", args.mgd_schedule, "--mgd-samples", str(args.mgd_samples),
+                     "--mgd-loss-factor", str(args.mgd_loss_factor)]
+    # (run directory, how to do it): the teacher first, then seed by seed.
+    plan = [(teacher_dir, lambda: pretrain_and_evaluate(args, data, "teacher", args.seeds[0], teacher_dir,
+                                                        args.teacher_arch, teacher_epochs, []))]
+    for seed in args.seeds:
+        for method in args.methods:
+            run_dir = output / f"seed{seed}" / method
+            extra = [] if METHODS[method] is None else teacher_flags + METHODS[method]
+            plan.append((run_dir, lambda m=method, s=seed, d=run_dir, e=extra: pretrain_and_evaluate(
+                args, data, m, s, d, args.student_arch, args.epochs, e)))
+        run_dir = output / f"seed{seed}" / "random"
+        plan.append((run_dir, lambda s=seed, d=run_dir: evaluate_random_init(args, data, s, d)))
+    if args.report_only:
+        results = [r for r in (read_result(run_dir) for run_dir, _ in plan) if r is not None]
+    else:
+        results = [run() for _, run in plan]
+    titles = {m: t.format(teacher=args.teacher_arch, student=args.student_arch) for m, t in TITLES.items()}
+    table = results_table(results, ["teacher", *args.methods, "random"], titles)
+    settings = (f"Fashion-MNIST, {args.images} training images at {args.image_size} px ({args.stem} stem), "
+                f"{args.epochs} pretraining epochs (teacher {teacher_epochs}), -b {args.batch_size}, "
+                f"--moco-t {args.moco_t} --moco-m {args.moco_m}, MGD matching {args.mgd_schedule} on "
+                f"{args.mgd_samples} images, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
+                f"T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached features) on the "
+                f"10,000 test images")
+    (output / "results.md").write_text(settings + "\n\n" + table)
+    (output / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    figure_run, baseline_run = (output / f"seed{args.seeds[0]}" / method for method in ("mgd-amp", "baseline"))
+    if (figure_run / "metrics.jsonl").is_file():
+        compare = {"baseline": baseline_run} if (baseline_run / "metrics.jsonl").is_file() else {}
+        plots.write_run_figures(figure_run, output / "figures", label="MGD-AMP", compare=compare)
+    print(f"\n{settings}\n\n{table}\nwritten to {output / 'results.md'} in {time.perf_counter() - start:.0f} s",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

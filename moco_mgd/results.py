@@ -1,0 +1,95 @@
+"""Results of an experiment: what one run measured, and the table over methods and seeds.
+
+An experiment script (``experiments/fashion_mnist.py``) writes one ``result.json`` per run
+(one method, one seed); :func:`summarize` and :func:`results_table` turn them into the
+mean +/- standard deviation table of ``RESULTS.md``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from moco_mgd.logs import read_metrics
+
+__all__ = ["RESULT_FILE", "last_record", "run_result", "write_result", "read_result", "summarize",
+           "results_table"]
+
+RESULT_FILE = "result.json"
+# (key in a result, column title, digits): the columns of the results table.
+COLUMNS = (("knn_top1", "kNN top-1", 2), ("linear_top1", "linear top-1", 2), ("pretrain_seconds", "pretrain s", 0),
+           ("eval_seconds", "eval s", 0))
+
+
+def last_record(records: Sequence[Mapping], kind: str) -> Mapping:
+    """The last record of ``kind``; ValueError naming the kind when the log has none."""
+    for record in reversed(records):
+        if record.get("kind") == kind:
+            return record
+    raise ValueError(f"no {kind!r} record in the log: the run did not finish (see its log.txt)")
+
+
+def run_result(pretrain_dir: str | os.PathLike, lincls_dir: str | os.PathLike, **fields) -> dict:
+    """What one run measured: the last kNN top-1 of its pretraining, the final linear top-1.
+
+    The linear top-1 is the last epoch's, not the best one (MoCo prints the best, which is
+    chosen on the validation set it reports).
+    """
+    knn = last_record(read_metrics(pretrain_dir), "knn")
+    linear = last_record(read_metrics(lincls_dir), "epoch")
+    return {**fields, "knn_top1": float(knn["top1"]), "knn_epoch": int(knn["epoch"]),
+            "linear_top1": float(linear["top1"])}
+
+
+def write_result(run_dir: str | os.PathLike, result: Mapping) -> Path:
+    """Write ``run_dir/result.json`` atomically: its presence marks the run as done."""
+    path = Path(run_dir) / RESULT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(result), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(run_dir: str | os.PathLike) -> dict | None:
+    """The run's result, or None when it has not finished."""
+    path = Path(run_dir) / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarize(values: Iterable[float]) -> tuple[float, float, int]:
+    """``(mean, sample standard deviation, n)``; the deviation is NaN for a single value."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("nothing to summarize: no finished run")
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return statistics.fmean(values), std, len(values)
+
+
+def _cell(values: list[float], digits: int) -> str:
+    mean, std, n = summarize(values)
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Mapping[str, str] | None = None) -> str:
+    """A markdown table: one row per method (in ``methods`` order), mean ± std over its seeds.
+
+    Args:
+        results: run results with at least ``method``, ``seed`` and the :data:`COLUMNS` keys.
+        methods: the rows; a method without results is left out.
+        titles: a longer name for a method's row (default: the method).
+    """
+    results = list(results)
+    titles = titles or {}
+    lines = ["| method | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(COLUMNS)]
+    for method in methods:
+        runs = [r for r in results if r["method"] == method]
+        if not runs:
+            continue
+        seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+        cells = [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS]
+        lines.append(f"| {titles.get(method, method)} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

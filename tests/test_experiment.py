@@ -1,0 +1,117 @@
+"""The README's main job (scripts/demo_fashion_mnist.sh) and experiments/fashion_mnist.py end to end.
+
+Tiny Fashion-MNIST IDX files, a few iterations per stage, every stage a real process: teacher,
+baseline and MGD pretraining, kNN and linear evaluation, the table and the figures.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import write_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+# Overrides of the demo's sizes: 1 epoch of 64 images in batches of 16, 2 linear epochs.
+TINY = ["-b", "16", "--moco-k", "64", "--mgd-samples", "32", "--lincls-epochs", "2", "-j", "0", "--knn-k", "5"]
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fashion")
+    write_fashion_mnist(root, "train", n=96, structured=True)
+    write_fashion_mnist(root, "t10k", n=40, seed=1, structured=True)
+    return root
+
+
+def _run(command, **env):
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHON": sys.executable, **env})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(fashion_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    stdout = _run(["bash", "scripts/demo_fashion_mnist.sh", str(out), "--data", str(fashion_dir), *TINY],
+                  EPOCHS="1", IMAGES="64")
+    return out, stdout
+
+
+def _table_rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+
+
+def test_demo_trains_three_networks_and_prints_the_table(demo):
+    out, stdout = demo
+    for run in ("teacher", "seed0/baseline", "seed0/mgd-amp"):
+        assert (out / run / "checkpoint_0000.pth.tar").is_file(), run
+        assert (out / run / "lincls" / "checkpoint.pth.tar").is_file(), run
+    # The student was distilled from this teacher, not from another one.
+    config = json.loads((out / "seed0/mgd-amp/result.json").read_text())
+    assert config["arch"] == "resnet18" and config["epochs"] == 1
+    mgd_command = next(line for line in stdout.splitlines() if "--output-dir " + str(out / "seed0/mgd-amp") in line)
+    assert "--teacher-checkpoint " + str(out / "teacher" / "checkpoint_0000.pth.tar") in mgd_command
+    table = (out / "results.md").read_text()
+    assert table.split("\n\n")[-1] in stdout  # the table printed is the table written
+    rows = _table_rows(table)
+    assert [row.split(" | ")[0] for row in rows] == ["| teacher (MoCo-v2 resnet50)", "| baseline (MoCo-v2 resnet18)",
+                                                   "| MGD-AMP", "| random init resnet18"]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert cells[1] == "0"                              # one seed
+        knn_top1, linear_top1, pretrain_s = (float(c) for c in cells[2:5])
+        assert 0.0 <= knn_top1 <= 100.0 and 0.0 <= linear_top1 <= 100.0 and math.isfinite(pretrain_s)
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert {r["method"] for r in results} == {"teacher", "baseline", "mgd-amp", "random"}
+
+
+def test_demo_writes_the_figures(demo):
+    out, _ = demo
+    for name in ("matching_cost.png", "assignment_stability.png", "training_curves.png"):
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_experiment_resumes_and_adds_seeds_and_methods(demo, fashion_dir):
+    out, _ = demo
+    teacher_log = (out / "teacher" / "log.txt").read_text()
+    stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(out), "--data", str(fashion_dir),
+                   "--methods", "baseline", "mgd-amp-nomatch", "--seeds", "0", "1", "--epochs", "1", "--images", "64",
+                   "--print-freq", "20", *TINY])
+    assert "teacher seed 0: done before" in stdout and "baseline seed 0: done before" in stdout
+    assert (out / "teacher" / "log.txt").read_text() == teacher_log   # not trained again
+    rows = {row.split(" | ")[0]: row for row in _table_rows((out / "results.md").read_text())}
+    assert "| MGD-AMP" not in rows                                     # not asked for this time
+    assert " | 0,1 | " in rows["| baseline (MoCo-v2 resnet18)"] and " ± " in rows["| baseline (MoCo-v2 resnet18)"]
+    assert " | 0,1 | " in rows["| MGD-AMP without matching"]
+    assert "never matched" in (out / "seed1" / "mgd-amp-nomatch" / "log.txt").read_text()
+
+
+def test_students_of_an_earlier_experiments_teacher(demo, fashion_dir, tmp_path):
+    out, _ = demo
+    stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path), "--data",
+                   str(fashion_dir), "--teacher-from", str(out), "--methods", "mgd-amp", "--seeds", "0",
+                   "--epochs", "1", "--images", "64", "--mgd-loss-factor", "1000", *TINY])
+    assert "teacher seed 0: done before" in stdout and not (tmp_path / "teacher").exists()
+    command = next(line for line in stdout.splitlines() if "--output-dir " + str(tmp_path / "seed0/mgd-amp") in line)
+    assert "--teacher-checkpoint " + str(out / "teacher" / "checkpoint_0000.pth.tar") in command
+    assert "--mgd-loss-factor 1000.0" in command
+    assert "| teacher (MoCo-v2 resnet50) | 0 |" in (tmp_path / "results.md").read_text()
+
+
+def test_bad_arguments_fail_before_any_run(fashion_dir, tmp_path):
+    def fails(*args):
+        result = subprocess.run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path / "o"),
+                                 "--data", str(fashion_dir), *args], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode != 0
+        return result.stderr
+
+    assert "multiple of -b 16" in fails("-b", "16", "--moco-k", "40")
+    assert "repeats a seed" in fails("--seeds", "1", "1")
+    assert "train-images-idx3-ubyte" in fails("--data", str(tmp_path))
+    assert "no finished teacher there" in fails("--teacher-from", str(tmp_path))
+    assert not (tmp_path / "o" / "teacher").exists()

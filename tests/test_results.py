@@ -1,0 +1,66 @@
+"""moco_mgd.results: a run's numbers from its real log files, and the mean ± std table."""
+import math
+
+import pytest
+
+from moco_mgd.logs import MetricsLog
+from moco_mgd.results import read_result, results_table, run_result, summarize, write_result
+
+
+def _run(tmp_path, knn_top1s, linear_top1s):
+    pretrain, lincls = tmp_path / "pretrain", tmp_path / "lincls"
+    for directory in (pretrain, lincls):
+        directory.mkdir()
+    log = MetricsLog(pretrain, True)
+    log.log("knn_teacher", epoch=0, top1=99.0, top5=100.0)
+    for epoch, top1 in enumerate(knn_top1s, 1):
+        log.log("epoch", epoch=epoch - 1, infonce=5.0)
+        log.log("knn", epoch=epoch, top1=top1, top5=100.0)
+    log = MetricsLog(lincls, True)
+    for epoch, top1 in enumerate(linear_top1s):
+        log.log("epoch", epoch=epoch, top1=top1, top5=100.0, loss=1.0)
+    return pretrain, lincls
+
+
+def test_run_result_takes_the_last_knn_and_the_last_linear_epoch(tmp_path):
+    pretrain, lincls = _run(tmp_path, [60.0, 70.5], [80.0, 90.0, 85.25])
+    result = run_result(pretrain, lincls, method="baseline", seed=1)
+    # The last epoch, not the best: the best is picked on the very set it is reported on.
+    assert result == {"method": "baseline", "seed": 1, "knn_top1": 70.5, "knn_epoch": 2, "linear_top1": 85.25}
+
+
+def test_run_result_of_an_unfinished_run_says_so(tmp_path):
+    pretrain, lincls = _run(tmp_path, [], [80.0])
+    with pytest.raises(ValueError, match="no 'knn' record.*did not finish"):
+        run_result(pretrain, lincls)
+
+
+def test_write_and_read_result(tmp_path):
+    assert read_result(tmp_path) is None
+    write_result(tmp_path, {"method": "mgd-amp", "knn_top1": 1.5})
+    assert read_result(tmp_path) == {"method": "mgd-amp", "knn_top1": 1.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_summarize_is_mean_and_sample_std():
+    mean, std, n = summarize([1.0, 2.0, 6.0])
+    assert (mean, n) == (3.0, 3) and std == pytest.approx(math.sqrt(((4 + 1 + 9) / 2)))
+    mean, std, n = summarize([4.0])
+    assert (mean, n) == (4.0, 1) and math.isnan(std)
+    with pytest.raises(ValueError, match="no finished run"):
+        summarize([])
+
+
+def _result(method, seed, knn, linear):
+    return {"method": method, "seed": seed, "knn_top1": knn, "linear_top1": linear, "pretrain_seconds": 100.0,
+            "eval_seconds": 10.0}
+
+
+def test_results_table_rows_in_method_order_with_mean_and_std():
+    results = [_result("mgd-amp", 1, 72.0, 80.0), _result("teacher", 0, 75.0, 81.0),
+               _result("mgd-amp", 0, 70.0, 82.0)]
+    table = results_table(results, ["teacher", "baseline", "mgd-amp"], {"mgd-amp": "MGD-AMP"}).splitlines()
+    assert table[0] == "| method | seeds | kNN top-1 | linear top-1 | pretrain s | eval s |"
+    assert len(table) == 4  # header, rule, teacher, MGD-AMP: the baseline has no result and no row
+    assert table[2] == "| teacher | 0 | 75.00 | 81.00 | 100 | 10 |"   # one run: no ± at all
+    assert table[3] == "| MGD-AMP | 0,1 | 71.00 ± 1.41 | 81.00 ± 1.41 | 100 ± 0 | 10 ± 0 |"
