@@ -81,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-from", default="",
                         help="an earlier experiment's output directory: distil from its finished teacher instead "
                              "of training one (ablations of the students alone)")
+    parser.add_argument("--no-random-init", dest="random_init", action="store_false",
+                        help="skip the random-weights row (e.g. in an ablation whose main experiment has it)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: the table and figures of the runs finished so far (e.g. by parallel jobs)")
     return parser
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             plan.append((run_dir, lambda m=method, s=seed, d=run_dir, e=extra: pretrain_and_evaluate(
                 args, data, m, s, d, args.student_arch, args.epochs, e)))
         run_dir = output / f"seed{seed}" / "random"
-        plan.append((run_dir, lambda s=seed, d=run_dir: evaluate_random_init(args, data, s, d)))
+        if args.random_init:
+            plan.append((run_dir, lambda s=seed, d=run_dir: evaluate_random_init(args, data, s, d)))
     if args.report_only:
         results = [r for r in (read_result(run_dir) for run_dir, _ in plan) if r is not None]
     else:

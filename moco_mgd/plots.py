@@ -191,6 +191,7 @@ def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike) -
     figure = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
     axes = dict(zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]))
     markers = "osD^v<>p"
+    teachers = {}  # one dashed line per distinct teacher value, not one per run of the same teacher
     for label, run in curves.items():
         line = {"color": colours[label]}
         if "infonce" in run:
@@ -203,15 +204,21 @@ def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike) -
             _plot_curve(axes["knn"], run["knn_top1"], marker="o", label=label, **line)
         teacher = teacher_knn_top1(runs[label])
         if teacher is not None and has_knn:
-            axes["knn"].axhline(teacher, linestyle="--", label=f"teacher ({label} run)", **line)
+            teachers.setdefault(teacher, label)
+    for value, label in teachers.items():
+        axes["knn"].axhline(value, linestyle="--", color="0.3" if len(teachers) == 1 else colours[label],
+                            label="teacher" if len(teachers) == 1 else f"teacher ({label} run)")
+    last_epoch = max((int(c[0].max()) for run in curves.values() for c in run.values() if len(c[0])), default=1)
     titles = {"infonce": ("InfoNCE loss", "loss"), "mgd": ("MGD loss per stage", "loss"),
               "knn": ("kNN top-1", "top-1 (%)")}
     for name, ax in axes.items():
         ax.set(title=titles[name][0], ylabel=titles[name][1], xlabel="epochs done")
+        ax.set_xlim(0.5, last_epoch + 0.5)  # the same epochs on every panel, even with one kNN point
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            # Below the panel: with several MGD runs the per-stage legend would hide the curves.
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     return _save(figure, path)
 
 
