@@ -278,9 +278,26 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
                 logger.info(f"epoch {epoch} done: InfoNCE {means['infonce']:.4f}"
                             + (f" MGD {means['mgd']:.4f}" if mgd else "")
                             + f" acc@1 {means['acc1']:.1f} {means['images_per_s']:.1f} img/s; saved {path}")
+        if env.is_main:
+            _write_figures(output_dir, metrics)
     except NonFiniteLossError as exc:
         logger.error(str(exc))
         raise
     finally:
         metrics.close()
+
+
+def _write_figures(output_dir: Path, metrics: MetricsLog) -> None:
+    """The run's figures beside its log, and in wandb when it is on.
+
+    The checkpoints are already saved: a figure that cannot be drawn is a warning, not a failed run.
+    """
+    from moco_mgd import plots  # matplotlib is imported only here, once per run
+
+    try:
+        paths = plots.write_run_figures(output_dir, metrics_log=metrics)
+    except (OSError, ValueError) as exc:
+        logger.warning(f"figures not drawn ({exc}); retry with: python -m moco_mgd.plots {output_dir}")
+        return
+    logger.info("figures: " + ", ".join(str(p) for p in paths))
 

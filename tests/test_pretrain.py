@@ -85,6 +85,10 @@ def test_logs_and_metrics_are_written(mgd_run):
         assert matching[-1]["assignment"][stage] == final[f"assignment{i}"].tolist()
     log = (mgd_run / "log.txt").read_text()
     assert "matching after 0 epoch(s)" in log and "InfoNCE" in log and "img/s" in log
+    # The run draws its figures at the end, from this log.
+    for name in ("matching_cost.png", "assignment_stability.png", "training_curves.png"):
+        assert (mgd_run / name).read_bytes()[:4] == b"\x89PNG", name
+    assert "figures: " in log
 
 
 def test_resume_gives_the_same_result_as_not_stopping(mgd_run, data_dir, teacher_path, tmp_path):
