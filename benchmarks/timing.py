@@ -1,4 +1,4 @@
-"""Timing for the benchmark scripts: warm-up, device sync, median, peak GPU memory."""
+"""Timing for the benchmark scripts: warm-up, device sync, median, peak GPU and host memory."""
 from __future__ import annotations
 
 import statistics
@@ -32,3 +32,23 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int = 1, i
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return statistics.median(times), peak
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux ``/proc/self/statm``; 0 where absent)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``getrusage``; Linux reports KiB)."""
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
