@@ -93,16 +93,20 @@ def channel_cost(
         raise ValueError(f"unknown distance {distance!r}: choose one of {DISTANCES}")
     b, cs = student_feat.shape[:2]
     ct = teacher_feat.shape[1]
-    s = student_feat.float().reshape(b, cs, -1)
-    t = teacher_feat.float().reshape(b, ct, -1)
+    s = student_feat.float().reshape(b, cs, -1)  # s: B x Cs x HW
+    t = teacher_feat.float().reshape(b, ct, -1)  # t: B x Ct x HW
     if distance == "cosine":
         s = nn.functional.normalize(s, dim=2)
         t = nn.functional.normalize(t, dim=2)
-        return (2.0 - 2.0 * torch.bmm(s, t.transpose(1, 2))).sum(0)
-    # ||s||^2 + ||t||^2 - 2 s.t, batched; clamp the round-off below zero.
-    cross = torch.bmm(s, t.transpose(1, 2))
-    sq = s.pow(2).sum(2).unsqueeze(2) + t.pow(2).sum(2).unsqueeze(1)
-    return (sq - 2.0 * cross).clamp_min(0.0).sum(0)
+    # The batch sum of the per-image inner products is one GEMM over (image, position):
+    # sum_b s_b t_b^T = S T^T with S: Cs x (B*HW). A batched product would build a B x Cs x Ct
+    # tensor only to sum it (268 MB per batch of 64 at the last stage; 60x slower on CPU).
+    cross = s.transpose(0, 1).reshape(cs, -1) @ t.transpose(0, 1).reshape(ct, -1).T  # cross: Cs x Ct
+    if distance == "cosine":
+        return 2.0 * b - 2.0 * cross
+    # sum_b ||s_bi - t_bj||^2 = sum_b ||s_bi||^2 + sum_b ||t_bj||^2 - 2 cross_ij; clamp the round-off below zero.
+    sq = s.pow(2).sum((0, 2)).unsqueeze(1) + t.pow(2).sum((0, 2)).unsqueeze(0)
+    return (sq - 2.0 * cross).clamp_min(0.0)
 
 
 def _as_numpy_cost(cost: torch.Tensor) -> np.ndarray:
