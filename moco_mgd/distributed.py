@@ -16,6 +16,7 @@ __all__ = [
     "all_reduce_sum",
     "broadcast",
     "all_gather_cat",
+    "all_gather_with_grad",
     "barrier",
 ]
 
@@ -62,6 +63,40 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather in the forward; in the backward, each rank gets the summed gradient of its slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        # Every rank computes the same loss over the gathered batch, and each rank's loss
+        # depends on this rank's rows: their gradient is the sum over ranks. (all_reduce, not
+        # reduce_scatter, which gloo lacks.)
+        grad = grad_output.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` of every rank along dim 0, in rank order, keeping the gradient.
+
+    For a loss that every rank computes identically over the whole gathered batch (e.g. a
+    batch correlation matrix): the backward sums over ranks the gradient of this rank's
+    rows, so that after DDP averages the parameter gradients over the ``W`` ranks, they
+    equal the gradient of one process that saw the whole batch. Identity at world size 1.
+    All ranks must pass tensors of the same shape.
+    """
+    if not is_distributed():
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
 
 
 def barrier() -> None:

@@ -14,13 +14,39 @@ import torch.nn.functional as F
 from moco_mgd import distributed
 from moco_mgd.backbone import apply_small_stem, build_resnet
 
-__all__ = ["MoCo", "apply_small_stem"]
+__all__ = ["MoCo", "apply_small_stem", "dequeue_and_enqueue_"]
 
 
-def _mlp_head(fc: nn.Linear) -> nn.Sequential:
-    """MoCo-v2's projection head: ``fc.0`` (d x d), ReLU, ``fc.2`` (the original ``fc``)."""
+def _mlp_head(fc: nn.Linear, hidden_dim: int | None = None) -> nn.Sequential:
+    """MoCo-v2's projection head: ``fc.0`` (d x hidden), ReLU, ``fc.2`` (hidden x dim).
+
+    ``hidden_dim`` None is MoCo's ``d`` (``fc.2`` is then the original ``fc``); a wider one is
+    DisCo's remedy for a small student's bottleneck. The keys stay ``fc.0.*`` / ``fc.2.*``.
+    """
     d = fc.in_features
-    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), fc)
+    if hidden_dim is None or hidden_dim == d:
+        return nn.Sequential(nn.Linear(d, d), nn.ReLU(), fc)
+    return nn.Sequential(nn.Linear(d, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, fc.out_features))
+
+
+@torch.no_grad()
+def dequeue_and_enqueue_(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """Write ``keys`` of every rank (in rank order) over the oldest columns of ``queue``, in place.
+
+    Args:
+        queue: ``[C, K]`` keys as columns.
+        queue_ptr: ``LongTensor[1]``, the column where the next batch goes; advanced here.
+        keys: ``[N, C]`` this rank's keys (every rank passes the same N).
+    """
+    keys = distributed.all_gather_cat(keys)  # keys: (world*N)xC, identical on every rank
+    batch_size, size = keys.shape[0], queue.shape[1]
+    if size % batch_size:
+        raise ValueError(f"the queue size K={size} must be divisible by the global batch size "
+                         f"{batch_size}: the queue is filled in whole batches")
+    ptr = int(queue_ptr)
+    # Whole batches and K % batch == 0, so a batch never straddles the end of the queue.
+    queue[:, ptr:ptr + batch_size] = keys.T  # queue[:, ptr:ptr+B]: CxB
+    queue_ptr[0] = (ptr + batch_size) % size
 
 
 class MoCo(nn.Module):
@@ -53,13 +79,16 @@ class MoCo(nn.Module):
         m: momentum of the key encoder's moving average.
         T: softmax temperature.
         mlp: MoCo-v2's 2-layer MLP head (``fc.0``/``fc.2``) instead of a linear ``fc``.
+        mlp_hidden_dim: width of the MLP's hidden layer (None: the backbone's, as MoCo-v2;
+            DisCo widens a ResNet-18's 512 to 2048).
         shuffle_bn_splits: BN splits of the key batch in one process (see above).
         stem: ``"imagenet"`` (torchvision's stem) or ``"small"`` (:func:`apply_small_stem`,
             for 28-64 px images).
     """
 
     def __init__(self, arch: str = "resnet50", dim: int = 128, K: int = 65536, m: float = 0.999,
-                 T: float = 0.07, mlp: bool = False, shuffle_bn_splits: int = 8, stem: str = "imagenet"):
+                 T: float = 0.07, mlp: bool = False, shuffle_bn_splits: int = 8, stem: str = "imagenet",
+                 mlp_hidden_dim: int | None = None):
         super().__init__()
         if K < 1 or dim < 1:
             raise ValueError(f"K ({K}) and dim ({dim}) must be positive")
@@ -75,9 +104,11 @@ class MoCo(nn.Module):
         # Both encoders are built (as the official code does) so the RNG is consumed the same way.
         self.encoder_q = build_resnet(arch, num_classes=dim, stem=stem)
         self.encoder_k = build_resnet(arch, num_classes=dim, stem=stem)
+        if mlp_hidden_dim is not None and (not mlp or mlp_hidden_dim < 1):
+            raise ValueError(f"mlp_hidden_dim={mlp_hidden_dim} needs mlp=True and a positive width")
         if mlp:
-            self.encoder_q.fc = _mlp_head(self.encoder_q.fc)
-            self.encoder_k.fc = _mlp_head(self.encoder_k.fc)
+            self.encoder_q.fc = _mlp_head(self.encoder_q.fc, mlp_hidden_dim)
+            self.encoder_k.fc = _mlp_head(self.encoder_k.fc, mlp_hidden_dim)
         # The key encoder starts as the query encoder and is only ever updated by momentum.
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.encoder_k.requires_grad_(False)
@@ -98,15 +129,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         """Replace the oldest ``global batch`` keys by ``keys`` of every rank, in rank order."""
-        keys = distributed.all_gather_cat(keys)  # keys: (world*N)xC, identical on every rank
-        batch_size = keys.shape[0]
-        if self.K % batch_size:
-            raise ValueError(f"the queue size K={self.K} must be divisible by the global batch size "
-                             f"{batch_size}: the queue is filled in whole batches")
-        ptr = int(self.queue_ptr)
-        # Whole batches and K % batch == 0, so a batch never straddles the end of the queue.
-        self.queue[:, ptr:ptr + batch_size] = keys.T  # queue[:, ptr:ptr+B]: CxB
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        dequeue_and_enqueue_(self.queue, self.queue_ptr, keys)
 
     # ---- shuffle BN across ranks (the official code) ------------------------------------
     @torch.no_grad()
@@ -172,13 +195,27 @@ class MoCo(nn.Module):
         return self._batch_unshuffle_single(k, idx_unshuffle)
 
     # ---- InfoNCE logits -----------------------------------------------------------------
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, return_queries: bool = False,
+                query_on_key_view: bool = False):
         """Args: two augmented views (NxCxHxW each). Returns ``(logits, labels)``.
 
         ``logits``: Nx(1+K), already divided by ``T``; ``labels``: N zeros (the positive is
         column 0), for ``nn.CrossEntropyLoss``. Also updates the key encoder and the queue.
+
+        With ``return_queries``, returns ``(logits, labels, q, q_key_view)`` for distillation
+        losses on the student's embedding: ``q`` is the query encoder's output (NxC, before
+        normalisation, with gradient); ``q_key_view`` is the query encoder's output on
+        ``im_k`` when ``query_on_key_view`` (a second forward with gradient, as DisCo's
+        two-view loss needs), else None. Going through this forward (not calling
+        ``encoder_q`` from outside) keeps DDP's gradient synchronisation in charge.
         """
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # q: NxC
+        q_key_view = None
+        if query_on_key_view:
+            # Before the query view on purpose: feature taps keep the latest forward of
+            # encoder_q, and MGD must read the query view.
+            q_key_view = self.encoder_q(im_k)
+        q_raw = self.encoder_q(im_q)  # q_raw: NxC
+        q = F.normalize(q_raw, dim=1)
 
         with torch.no_grad():  # no gradient to the keys: the key encoder is not trained by SGD
             # Update before computing keys (as the official code): this step's keys come from
@@ -196,4 +233,6 @@ class MoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives: column 0
 
         self._dequeue_and_enqueue(k)
+        if return_queries:
+            return logits, labels, q_raw, q_key_view
         return logits, labels

@@ -145,6 +145,38 @@ def test_mlp_head_and_state_dict_keys():
     assert torch.equal(state["encoder_q.fc.0.weight"], state["encoder_k.fc.0.weight"])
 
 
+def test_wider_mlp_hidden_layer_keeps_the_key_names():
+    model = _moco(mlp=True, mlp_hidden_dim=64)
+    state = model.state_dict()
+    assert state["encoder_q.fc.0.weight"].shape == (64, 512) and state["encoder_q.fc.2.weight"].shape == (DIM, 64)
+    assert torch.equal(state["encoder_q.fc.2.weight"], state["encoder_k.fc.2.weight"])
+    with pytest.raises(ValueError, match="needs mlp=True"):
+        _moco(mlp_hidden_dim=64)
+
+
+def test_queries_on_both_views_leave_the_query_view_in_the_feature_taps():
+    from moco_mgd.taps import FeatureTaps
+
+    model = _moco(mlp=True)
+    model.train()
+    taps = FeatureTaps(model.encoder_q)
+    im_q, im_k = _images(4, 1), _images(4, 2)
+    logits, labels, q, q_key_view = model(im_q, im_k, return_queries=True, query_on_key_view=True)
+    recorded = taps.pop()
+    with torch.no_grad():  # train-mode BN uses the batch statistics: the same input gives the same output
+        expected_q = model.encoder_q(im_q)
+        expected_features = taps.pop()
+        expected_q_key_view = model.encoder_q(im_k)
+    torch.testing.assert_close(q.detach(), expected_q)
+    torch.testing.assert_close(q_key_view.detach(), expected_q_key_view)
+    for got, expected in zip(recorded, expected_features):   # MGD reads the query view, not the key view
+        torch.testing.assert_close(got.detach(), expected)
+    assert q.requires_grad and q_key_view.requires_grad
+    # The InfoNCE positives are the normalised q against the keys.
+    assert logits.shape == (4, 1 + K) and labels.tolist() == [0] * 4
+    assert model(im_q, im_k, return_queries=True)[3] is None
+
+
 def test_small_stem():
     small, imagenet = _moco(stem="small"), _moco()
     for enc in (small.encoder_q, small.encoder_k):
