@@ -60,6 +60,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     mgd.add_argument("--mgd-samples", default=20000, type=int, help="training images per matching update")
     mgd.add_argument("--no-mgd", dest="mgd", action="store_false", help="plain MoCo-v2 even with a teacher")
 
+    emb = parser.add_argument_group(
+        "embedding distillation", "losses on the final (MLP) embedding, from the teacher's MoCo-v2 head; each is on "
+        "when its weight is positive, combines with MGD and with the others (--no-mgd: without MGD)")
+    emb.add_argument("--cckd-weight", default=0.0, type=float,
+                     help="correlation congruence (CCKD, Peng et al. ICCV 2019) over the global batch")
+    emb.add_argument("--cckd-kernel", default="rbf-taylor", choices=["rbf-taylor", "rbf", "cosine"],
+                     help="CCKD's kernel between L2-normalised embeddings")
+    emb.add_argument("--cckd-gamma", default=0.4, type=float, help="CCKD's RBF gamma")
+    emb.add_argument("--cckd-order", default=2, type=int, help="CCKD's Taylor order P (rbf-taylor)")
+    emb.add_argument("--disco-weight", default=0.0, type=float,
+                     help="embedding regression (DisCo, Gao et al. ECCV 2022): mean over the batch of "
+                          "||q_s - q_t||^2 of normalised embeddings (DisCo's own code sums over 32 images per GPU: 32)")
+    emb.add_argument("--disco-both-views", action="store_true",
+                     help="DisCo on the key view too (a second forward of the student's query encoder and "
+                          "of the teacher)")
+    emb.add_argument("--mlp-hidden-dim", default=0, type=int,
+                     help="hidden width of the student's MLP head (0: the backbone's, as MoCo-v2; DisCo: 2048)")
+    emb.add_argument("--seed-weight", default=0.0, type=float,
+                     help="similarity-distribution distillation (SEED, Fang et al. ICLR 2021)")
+    emb.add_argument("--seed-queue", default=65536, type=int, help="SEED's queue of teacher embeddings")
+    emb.add_argument("--seed-t", default=0.2, type=float, help="SEED's student temperature")
+    emb.add_argument("--seed-teacher-t", default=1e-4, type=float, help="SEED's teacher temperature")
+
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default=".", help="checkpoints, log.txt and metrics.jsonl go here")
     run.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist"])

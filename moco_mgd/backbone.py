@@ -28,6 +28,8 @@ __all__ = [
     "backbone_state_dict",
     "load_backbone_weights",
     "load_pretrained_backbone",
+    "build_head",
+    "head_dim",
     "load_frozen_backbone",
     "load_frozen_teacher",
 ]
@@ -194,32 +196,76 @@ def load_pretrained_backbone(model: nn.Module, arch: str, checkpoint_path: str |
     return backbone, head, layout
 
 
+def build_head(head: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """The projection head of a checkpoint: MoCo-v2's MLP (``fc.0``, ReLU, ``fc.2``) or a linear ``fc``.
+
+    Args:
+        head: the ``fc*`` tensors of :func:`backbone_state_dict`.
+        source: how to name the checkpoint in errors.
+
+    Raises:
+        ValueError: no head, or one of another shape.
+    """
+    if "fc.0.weight" in head and "fc.2.weight" in head:
+        hidden, width = head["fc.0.weight"].shape
+        module = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, head["fc.2.weight"].shape[0]))
+        weights = {k.removeprefix("fc."): v for k, v in head.items()}
+    elif "fc.weight" in head:
+        out_features, width = head["fc.weight"].shape
+        module = nn.Linear(width, out_features)
+        weights = {k.removeprefix("fc."): v for k, v in head.items()}
+    else:
+        raise ValueError(f"{source} has no projection head (no fc.* weights besides the backbone's): the embedding "
+                         f"losses need the teacher's MoCo head (e.g. moco_v2_200ep_pretrain.pth.tar has one; a "
+                         f"torchvision classifier's fc is removed by MoCo conversions)")
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"{source}: the head weights {sorted(head)} do not form a linear or MoCo-v2 MLP head "
+                         f"({str(exc).splitlines()[0]})") from None
+    return module
+
+
+def head_dim(model: nn.Module) -> int:
+    """The output size of a ResNet's head ``fc`` (its last linear layer): its embedding size."""
+    linears = [m for m in model.fc.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__}.fc has no linear layer: the model was loaded without its head")
+    return linears[-1].out_features
+
+
 def load_frozen_backbone(arch: str, checkpoint_path: str | os.PathLike, stem: str = "imagenet",
-                         what: str = "checkpoint") -> nn.Module:
-    """A frozen ResNet backbone (``fc`` = identity, eval mode, no grad) from any known layout.
+                         what: str = "checkpoint", with_head: bool = False) -> nn.Module:
+    """A frozen ResNet (eval mode, no grad) from any known layout.
 
     Args:
         arch: the architecture the weights must fit (checked strictly).
         checkpoint_path: a file in one of the layouts of the module docstring.
         stem: the stem the weights were trained with.
         what: how to name the file in errors (e.g. "teacher checkpoint").
+        with_head: keep the checkpoint's projection head as ``fc`` (:func:`build_head`), so
+            that the model outputs its embedding; otherwise ``fc`` is the identity and it
+            outputs the pooled backbone features.
 
     Raises:
         FileNotFoundError / ValueError: with what was found and what to change.
     """
     model = build_resnet(arch, stem=stem)
-    load_pretrained_backbone(model, arch, checkpoint_path, what)
-    model.fc = nn.Identity()
+    _, head, layout = load_pretrained_backbone(model, arch, checkpoint_path, what)
+    model.fc = build_head(head, f"{what} {os.fspath(checkpoint_path)!r} ({layout})") if with_head else nn.Identity()
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike, stem: str = "imagenet") -> nn.Module:
-    """The MGD teacher: a ResNet backbone from a MoCo-v2 (or torchvision) checkpoint.
+def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike, stem: str = "imagenet",
+                        with_head: bool = False) -> nn.Module:
+    """The teacher: a ResNet from a MoCo-v2 (or torchvision) checkpoint, frozen.
 
-    The head is dropped (``fc`` becomes identity): MGD reads intermediate features only.
-    The returned model is in eval mode with ``requires_grad=False`` everywhere. Keep it out
-    of DDP and call it under ``torch.no_grad()``.
+    MGD reads intermediate features only, so by default the head is dropped (``fc`` is the
+    identity). ``with_head`` keeps the MoCo-v2 head, for the embedding losses
+    (:mod:`moco_mgd.embedding_distiller`): the model then outputs the teacher's embedding,
+    and its feature taps still see the stages. The returned model is in eval mode with
+    ``requires_grad=False`` everywhere. Keep it out of DDP and call it under ``torch.no_grad()``.
     """
-    return load_frozen_backbone(arch, checkpoint_path, stem, what="teacher checkpoint")
+    return load_frozen_backbone(arch, checkpoint_path, stem, what="teacher checkpoint", with_head=with_head)

@@ -9,23 +9,26 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from moco_mgd import distributed
 from moco_mgd.distiller import MGDistiller, collect_matching_costs
+from moco_mgd.embedding_distiller import EmbeddingDistiller
 from moco_mgd.logs import MetricsLog, format_duration
 from moco_mgd.taps import FeatureTaps
 
 __all__ = [
     "AUTHORS_MATCHING_EPOCHS",
     "NonFiniteLossError",
-    "MGDTraining",
+    "Distillation",
     "learning_rate",
     "set_learning_rate",
     "matching_epochs",
+    "StepOutput",
+    "training_step",
     "train_one_epoch",
     "run_matching_update",
 ]
@@ -41,17 +44,31 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class MGDTraining:
-    """What a training step needs for MGD. ``distiller`` may be wrapped in DDP."""
+class Distillation:
+    """What a training step needs to learn from a frozen teacher.
 
-    distiller: nn.Module
-    student_taps: FeatureTaps
+    One teacher forward on the query view serves everything: its stage features (through
+    ``teacher_taps``) feed MGD, its output (the embedding, when the teacher kept its head)
+    feeds the embedding losses. ``distiller`` (MGD, may be wrapped in DDP) and ``embedding``
+    are each optional; the taps are only needed with MGD.
+    """
+
     teacher: nn.Module
-    teacher_taps: FeatureTaps
+    distiller: nn.Module | None = None
+    student_taps: FeatureTaps | None = None
+    teacher_taps: FeatureTaps | None = None
+    embedding: EmbeddingDistiller | None = None
 
     @property
-    def core(self) -> MGDistiller:
+    def core(self) -> MGDistiller | None:
+        """The MGD distiller itself (not its DDP wrapper), or None without MGD."""
         return getattr(self.distiller, "module", self.distiller)
+
+    def clear_taps(self) -> None:
+        """Forget features recorded by a forward that is not a training step (kNN, a second view)."""
+        for taps in (self.student_taps, self.teacher_taps):
+            if taps is not None:
+                taps.clear()
 
 
 def learning_rate(base_lr: float, epoch: int, epochs: int, cos: bool, schedule: Sequence[int]) -> float:
@@ -105,34 +122,109 @@ def _batch_to(images, device: torch.device, channels_last: bool):
     return images.to(device, non_blocking=True, memory_format=memory_format)
 
 
+@dataclass
+class StepOutput:
+    """What one training step computed (tensors detached)."""
+
+    loss: torch.Tensor
+    infonce: torch.Tensor
+    acc1: torch.Tensor
+    mgd: torch.Tensor | None = None
+    mgd_per_stage: torch.Tensor | None = None
+    embedding: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def named_losses(self) -> dict[str, torch.Tensor]:
+        """The losses added to InfoNCE, by the name they are logged under."""
+        return ({"MGD": self.mgd} if self.mgd is not None else {}) | self.embedding
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    im_q: torch.Tensor,
+    im_k: torch.Tensor,
+    distill: Distillation | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepOutput:
+    """One SGD step of MoCo-v2 (wrapped in DDP or not), plus what ``distill`` adds.
+
+    InfoNCE of the query/key views; with ``distill``, one teacher forward on the query view
+    (under ``no_grad``), then MGD's loss on the student's stage features of the same forward
+    and the embedding losses on its query embedding, added to InfoNCE.
+
+    Raises:
+        NonFiniteLossError: before the step is taken, naming every loss.
+    """
+    embedding = distill is not None and distill.embedding is not None
+    key_view = embedding and distill.embedding.needs_key_view
+    mgd_loss = per_stage = None
+    embedding_parts: dict[str, torch.Tensor] = {}
+    with torch.autocast(im_q.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        output = model(im_q, im_k, return_queries=True, query_on_key_view=key_view) if embedding else \
+            model(im_q, im_k)
+        logits, labels = output[0], output[1]
+        infonce = nn.functional.cross_entropy(logits.float(), labels)
+        loss = infonce
+        if distill is not None:
+            with torch.no_grad():
+                teacher_out = distill.teacher(im_q)
+            if distill.distiller is not None:
+                mgd_loss, per_stage = distill.distiller(distill.student_taps.pop(), distill.teacher_taps.pop())
+                loss = loss + mgd_loss
+            if embedding:
+                teacher_key_view = None
+                if key_view:  # DisCo on both views: the one extra teacher pass
+                    with torch.no_grad():
+                        teacher_key_view = distill.teacher(im_k)
+                    distill.clear_taps()
+                embedding_loss, embedding_parts = distill.embedding(output[2], teacher_out, output[3],
+                                                                    teacher_key_view)
+                loss = loss + embedding_loss
+    out = StepOutput(loss.detach(), infonce.detach(), (logits.detach().argmax(1) == labels).float().mean() * 100,
+                     None if mgd_loss is None else mgd_loss.detach(), per_stage, embedding_parts)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"non-finite loss: InfoNCE {float(out.infonce):.4g}"
+            + "".join(f", {name} {float(value):.4g}" for name, value in out.named_losses().items())
+            + ": lower --lr, or lower the distillation weights (raise --mgd-loss-factor); "
+              "the last checkpoint is intact"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return out
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: Iterable,
     epoch: int,
     device: torch.device,
-    mgd: MGDTraining | None = None,
+    distill: Distillation | None = None,
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     print_freq: int = 10,
     metrics: MetricsLog | None = None,
 ) -> dict[str, float]:
-    """Train MoCo (wrapped in DDP or not) for one pass over ``loader``.
-
-    Each step: InfoNCE of the query/key views; with ``mgd``, the teacher's features of
-    the query view (under ``no_grad``) and the distiller's loss on the student's features
-    of the same forward, added to InfoNCE.
+    """Train MoCo (wrapped in DDP or not) for one pass over ``loader`` (:func:`training_step` each batch).
 
     Returns:
-        Epoch means: ``loss``, ``infonce``, ``mgd`` (+ ``mgd_<stage>``), ``acc1``, and
-        ``images_per_s``.
+        Epoch means: ``loss``, ``infonce``, ``mgd`` (+ ``mgd_<stage>``), each embedding loss
+        by name (unweighted), ``acc1``, and ``images_per_s``.
 
     Raises:
         NonFiniteLossError: naming the epoch and iteration.
     """
     model.train()
-    criterion = nn.CrossEntropyLoss()
+    mgd_core = distill.core if distill is not None else None
     num_batches = len(loader) if hasattr(loader, "__len__") else None
     world = distributed.get_world_size()
     sums: dict[str, float] = {}
@@ -143,35 +235,17 @@ def train_one_epoch(
         data_time += time.perf_counter() - last
         im_q = _batch_to(im_q, device, channels_last)
         im_k = _batch_to(im_k, device, channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, labels = model(im_q, im_k)
-            infonce = criterion(logits.float(), labels)
-            loss = infonce
-            if mgd is not None:
-                with torch.no_grad():
-                    teacher_feats = mgd.teacher_taps(im_q)
-                mgd_loss, per_stage = mgd.distiller(mgd.student_taps.pop(), teacher_feats)
-                loss = loss + mgd_loss
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch} iteration {i}: InfoNCE {float(infonce.detach()):.4g}"
-                + (f", MGD {float(mgd_loss.detach()):.4g}" if mgd is not None else "")
-                + ": lower --lr or raise --mgd-loss-factor; the last checkpoint is intact"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        try:
+            out = training_step(model, optimizer, im_q, im_k, distill, scaler, autocast_dtype)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(str(exc).replace("non-finite loss", f"non-finite loss at epoch {epoch} "
+                                                                        f"iteration {i}", 1)) from None
 
-        step = {"loss": float(loss.detach()), "infonce": float(infonce.detach()),
-                "acc1": float((logits.argmax(1) == labels).float().mean() * 100)}
-        if mgd is not None:
-            step["mgd"] = float(mgd_loss.detach())
-            step.update({f"mgd_{name}": float(v) for name, v in zip(mgd.core.stage_names, per_stage)})
+        step = {"loss": float(out.loss), "infonce": float(out.infonce), "acc1": float(out.acc1)}
+        if mgd_core is not None:
+            step["mgd"] = float(out.mgd)
+            step.update({f"mgd_{name}": float(v) for name, v in zip(mgd_core.stage_names, out.mgd_per_stage)})
+        step.update({name: float(value) for name, value in out.embedding.items()})
         for k, v in step.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
@@ -180,13 +254,14 @@ def train_one_epoch(
             elapsed = now - start
             images_per_s = count * im_q.shape[0] * world / max(elapsed, 1e-9)
             eta = (num_batches - i - 1) * elapsed / count if num_batches else float("nan")
-            mgd_text = ""
-            if mgd is not None:
-                mgd_text = f" MGD {step['mgd']:.4f} (" + " ".join(
-                    f"{v:.3g}" for v in per_stage.tolist()) + ")"
+            extra_text = ""
+            if mgd_core is not None:
+                extra_text = f" MGD {step['mgd']:.4f} (" + " ".join(
+                    f"{v:.3g}" for v in out.mgd_per_stage.tolist()) + ")"
+            extra_text += "".join(f" {name} {step[name]:.4f}" for name in out.embedding)
             logger.info(
                 f"epoch {epoch} [{i + 1}/{num_batches or '?'}] eta {format_duration(eta) if num_batches else '?'} "
-                f"{images_per_s:.1f} img/s data {data_time / count:.3f}s InfoNCE {step['infonce']:.4f}{mgd_text} "
+                f"{images_per_s:.1f} img/s data {data_time / count:.3f}s InfoNCE {step['infonce']:.4f}{extra_text} "
                 f"acc@1 {step['acc1']:.1f} lr {optimizer.param_groups[0]['lr']:.4g}"
             )
             if metrics is not None:
@@ -202,7 +277,7 @@ def train_one_epoch(
 
 
 def run_matching_update(
-    mgd: MGDTraining,
+    distill: Distillation,
     loader: Iterable,
     max_images: int | None,
     device: torch.device,
@@ -212,9 +287,10 @@ def run_matching_update(
 ) -> None:
     """One coordinate-descent matching step: statistics on this rank's shard, then solve."""
     start = time.perf_counter()
-    seen = collect_matching_costs(mgd.core, mgd.student_taps, mgd.teacher_taps, loader,
+    mgd = distill.core
+    seen = collect_matching_costs(mgd, distill.student_taps, distill.teacher_taps, loader,
                                   max_images=max_images, device=device, autocast_dtype=autocast_dtype)
-    reports = mgd.core.update_matching()
+    reports = mgd.update_matching()
     seconds = time.perf_counter() - start
     logger.info(
         f"matching after {epoch} epoch(s): {reports[0].num_images} images ({seen} on this rank) in {seconds:.1f}s; "
@@ -223,4 +299,4 @@ def run_matching_update(
     if metrics is not None:  # the whole assignment, for the stability figure (a few KB per update)
         metrics.log("matching", epoch=epoch, seconds=seconds, num_images=reports[0].num_images,
                     cost={r.stage: r.cost for r in reports}, changed={r.stage: r.changed for r in reports},
-                    assignment={r.stage: a for r, a in zip(reports, mgd.core.assignments())})
+                    assignment={r.stage: a for r, a in zip(reports, mgd.assignments())})

@@ -30,6 +30,29 @@ def test_teacher_from_official_moco_layout(tmp_path, mlp):
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("mlp", [True, False])
+def test_teacher_with_its_head_outputs_the_moco_embedding(tmp_path, mlp):
+    from moco_mgd.backbone import head_dim
+
+    checkpoint, encoder_q = moco_v2_checkpoint("resnet50", mlp=mlp, dim=32)
+    path = tmp_path / "moco_v2.pth.tar"
+    torch.save(checkpoint, path)
+    teacher = load_frozen_teacher("resnet50", path, with_head=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(images), encoder_q.eval()(images))
+    assert head_dim(teacher) == 32
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_teacher_head_is_required_where_the_checkpoint_has_none(tmp_path):
+    path = tmp_path / "torchvision.pth"
+    torch.save({k: v for k, v in build_resnet("resnet50").state_dict().items() if not k.startswith("fc.")}, path)
+    with pytest.raises(ValueError, match="has no projection head"):
+        load_frozen_teacher("resnet50", path, with_head=True)
+    load_frozen_teacher("resnet50", path)        # MGD alone does not need it
+
+
 @pytest.mark.parametrize("prefix,wrap", [("", None), ("module.", None), ("encoder_q.", "state_dict"),
                                          ("", "state_dict"), ("module.", "model")])
 def test_teacher_from_torchvision_and_prefixless_layouts(tmp_path, prefix, wrap):
