@@ -1,7 +1,9 @@
 """Training-step throughput: plain MoCo-v2 ResNet-18, the ResNet-50 teacher forward alone,
-and MoCo-v2 + MGD ResNet-18 <- ResNet-50; the MGD overhead beyond the teacher's forward.
+MoCo-v2 + MGD ResNet-18 <- ResNet-50, and each embedding loss (CCKD, DisCo, SEED) alone and
+all with MGD; what each adds beyond the teacher's forward.
 
-Synthetic images (no data loading), one process, the same step as main_moco_mgd.py.
+Synthetic images (no data loading), one process, the step of main_moco_mgd.py
+(``moco_mgd.engine.training_step``).
 Prints a markdown table. Usage::
 
     python benchmarks/bench_pretrain.py                                   # CPU, 64 px, batch 16
@@ -31,12 +33,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moco_mgd.backbone import build_resnet  # noqa: E402
 from moco_mgd.distiller import MGDistiller  # noqa: E402
-from moco_mgd.engine import MGDTraining  # noqa: E402
+from moco_mgd.embedding_distiller import EmbeddingDistiller  # noqa: E402
+from moco_mgd.engine import Distillation, training_step  # noqa: E402
 from moco_mgd.moco import MoCo  # noqa: E402
 from moco_mgd.taps import FeatureTaps  # noqa: E402
 from timing import current_rss_bytes, measure, peak_rss_bytes  # noqa: E402
 
-CONFIGS = ("moco", "teacher", "mgd")
+# (row name, MGD on, EmbeddingDistiller kwargs, student MLP hidden width): the training steps timed.
+STEPS = {
+    "moco": ("MoCo-v2 ResNet-18 train step", False, None, None),
+    "mgd": ("MoCo-v2 + MGD ({reducer}) ResNet-18 <- ResNet-50 train step", True, None, None),
+    "cckd": ("MoCo-v2 + CCKD (rbf-taylor, P=2)", False, {"cckd_weight": 1.0}, None),
+    "disco": ("MoCo-v2 + DisCo (query view)", False, {"disco_weight": 1.0}, None),
+    "disco2": ("MoCo-v2 + DisCo (both views, MLP hidden 2048)", False,
+               {"disco_weight": 1.0, "disco_both_views": True}, 2048),
+    "seed": ("MoCo-v2 + SEED (queue 4096)", False, {"seed_weight": 1.0, "seed_queue": 4096}, None),
+    "mgd+all": ("MoCo-v2 + MGD ({reducer}) + CCKD + DisCo + SEED", True,
+                {"cckd_weight": 1.0, "disco_weight": 1.0, "seed_weight": 1.0, "seed_queue": 4096}, None),
+}
+CONFIGS = ("moco", "teacher", *[name for name in STEPS if name != "moco"])
 
 
 def _parse_args() -> argparse.Namespace:
@@ -47,11 +62,13 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--reducer", default="amp")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
+                        help="what to time (moco and teacher are needed for the overhead lines)")
     return parser.parse_args()
 
 
 def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float, int, int, int]:
-    """Time one configuration in this (fresh) process.
+    """Time one configuration in this (fresh) process: the training step of ``moco_mgd.engine``.
 
     Returns ``(row name, seconds per step, peak GPU GiB, peak RSS bytes, RSS bytes before the
     models, torch threads)``.
@@ -61,71 +78,55 @@ def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else None
     memory_format = torch.channels_last if gpu else torch.contiguous_format
-    torch.manual_seed(0)
     b, s = args.batch_size, args.image_size
+    torch.manual_seed(0)
     im_q = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=memory_format)
     im_k = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=memory_format)
-    criterion = torch.nn.CrossEntropyLoss()
 
-    def make_moco():
-        model = MoCo("resnet18", 128, 4096, mlp=True).to(device, memory_format=memory_format)
-        return model, torch.optim.SGD(model.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
+    def make_teacher(with_head: bool) -> torch.nn.Module:
+        # Random weights: the cost does not depend on them. The MoCo-v2 head only where an
+        # embedding loss reads it, as in training (MGD alone drops it).
+        teacher = build_resnet("resnet50", num_classes=128)
+        teacher.fc = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), teacher.fc) if with_head \
+            else torch.nn.Identity()
+        return teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
 
-    def make_teacher():
-        teacher = build_resnet("resnet50").to(device, memory_format=memory_format).eval().requires_grad_(False)
-        teacher.fc = torch.nn.Identity()
-        return teacher
-
-    if config == "moco":
-        model, optimizer = make_moco()
-
-        def moco_step():
-            with torch.autocast(device.type, dtype=dtype, enabled=gpu):
-                logits, labels = model(im_q, im_k)
-                loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        name, step = "MoCo-v2 ResNet-18 train step", moco_step
-    elif config == "teacher":
-        teacher = make_teacher()
+    if config == "teacher":
+        teacher = make_teacher(with_head=False)
 
         def teacher_step():
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=gpu):
                 teacher(im_q)
 
-        name, step = "ResNet-50 teacher forward (no grad)", teacher_step
-    elif config == "mgd":
-        teacher = make_teacher()
-        model, optimizer = make_moco()
-        teacher_taps = FeatureTaps(teacher)
-        distiller = MGDistiller.from_models(teacher, model.encoder_q, reducer=args.reducer).to(device)
-        mgd = MGDTraining(distiller, FeatureTaps(model.encoder_q), teacher, teacher_taps)
+        seconds, peak_gpu = measure(teacher_step, device, args.warmup, args.iters)
+        return ("ResNet-50 teacher forward (no grad)", seconds, peak_gpu, peak_rss_bytes(), rss_start,
+                torch.get_num_threads())
+
+    name, use_mgd, embedding, hidden = STEPS[config]
+    model = MoCo("resnet18", 128, 4096, mlp=True, mlp_hidden_dim=hidden).to(device, memory_format=memory_format)
+    distill = None if config == "moco" else Distillation(make_teacher(with_head=embedding is not None))
+    teacher = distill.teacher if distill is not None else None
+    if use_mgd:
+        distill.student_taps, distill.teacher_taps = FeatureTaps(model.encoder_q), FeatureTaps(teacher)
+        distill.distiller = MGDistiller.from_models(teacher, model.encoder_q, reducer=args.reducer).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=gpu):
             model.eval()
-            distiller.accumulate(mgd.student_taps(im_q), teacher_taps(im_q))
+            distill.distiller.accumulate(distill.student_taps(im_q), distill.teacher_taps(im_q))
             model.train()
-        distiller.update_matching()
-        optimizer.add_param_group({"params": list(distiller.parameters())})
+        distill.distiller.update_matching()
+    if embedding:
+        distill.embedding = EmbeddingDistiller(128, 128, **embedding).to(device)
+    params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if use_mgd:
+        params.append({"params": list(distill.distiller.parameters())})
+    optimizer = torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4)
+    model.train()
 
-        def mgd_step():
-            with torch.autocast(device.type, dtype=dtype, enabled=gpu):
-                logits, labels = model(im_q, im_k)
-                loss = criterion(logits.float(), labels)
-                with torch.no_grad():
-                    teacher_feats = teacher_taps(im_q)
-                mgd_loss, _ = distiller(mgd.student_taps.pop(), teacher_feats)
-                loss = loss + mgd_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    def step():
+        training_step(model, optimizer, im_q, im_k, distill, autocast_dtype=dtype)
 
-        name, step = f"MoCo-v2 + MGD ({args.reducer}) ResNet-18 <- ResNet-50 train step", mgd_step
-    else:
-        raise ValueError(f"unknown configuration {config!r}")
     seconds, peak_gpu = measure(step, device, args.warmup, args.iters)
-    return name, seconds, peak_gpu, peak_rss_bytes(), rss_start, torch.get_num_threads()
+    return name.format(reducer=args.reducer), seconds, peak_gpu, peak_rss_bytes(), rss_start, torch.get_num_threads()
 
 
 def main() -> None:
@@ -135,7 +136,7 @@ def main() -> None:
     b, s = args.batch_size, args.image_size
     rows = []
     spawn = multiprocessing.get_context("spawn")  # fresh process: its peak RSS is this configuration's
-    for config in CONFIGS:
+    for config in args.configs:
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
             rows.append(pool.submit(run_config, config, args).result())
     threads = rows[0][5]
@@ -149,10 +150,15 @@ def main() -> None:
     for what, seconds, peak, rss_peak, rss_start, _ in rows:
         print(f"| {what} | {1000 * seconds:,.1f} | {b / seconds:,.1f} | {peak:.2f} | "
               f"{rss_peak / 2**20:,.0f} (+{max(rss_peak - rss_start, 0) / 2**20:,.0f}) |")
-    plain, teacher_fwd, with_mgd = (r[1] for r in rows)
-    overhead = with_mgd - plain - teacher_fwd
-    print(f"\nMGD overhead beyond the teacher forward: {1000 * overhead:,.1f} ms per step "
-          f"= {100 * overhead / plain:.1f}% of the plain MoCo step")
+    seconds = dict(zip(args.configs, (r[1] for r in rows)))
+    if "moco" in seconds and "teacher" in seconds:
+        plain, teacher_fwd = seconds["moco"], seconds["teacher"]
+        print("\nOverhead beyond the plain MoCo step and the teacher's forward (what the distillation itself costs):")
+        for config, (what, _, _, _) in STEPS.items():
+            if config in seconds and config != "moco":
+                overhead = seconds[config] - plain - teacher_fwd
+                print(f"- {what.format(reducer=args.reducer)}: {1000 * overhead:,.1f} ms per step "
+                      f"= {100 * overhead / plain:.1f}% of the plain MoCo step")
 
 
 if __name__ == "__main__":
