@@ -52,8 +52,22 @@ class GaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
+def blur_sigma(image_size: int) -> tuple[float, float]:
+    """MoCo-v2's blur radius range, (0.1, 2.0) px at 224 px, scaled with the crop side.
+
+    MoCo blurs the 224 px crop with a radius in pixels; the same radius on a 32 px crop is a
+    7x stronger blur relative to the image (2 px is 6% of its side) and erases the detail
+    that separates small images. Scaling keeps the blur MoCo-v2 applies to an ImageNet image,
+    relative to the image: exactly MoCo's at 224 px, (0.014, 0.29) px at 32 px.
+    """
+    return 0.1 * image_size / 224, 2.0 * image_size / 224
+
+
 def pretrain_transform(image_size: int = 224, aug_plus: bool = True) -> Callable:
-    """MoCo's training augmentation of one view, exactly as in the official ``main_moco.py``.
+    """MoCo's training augmentation of one view, as in the official ``main_moco.py``.
+
+    At 224 px it is exactly MoCo's; at other sizes the blur scales with the crop
+    (:func:`blur_sigma`).
 
     Args:
         image_size: side of the square crop.
@@ -68,7 +82,7 @@ def pretrain_transform(image_size: int = 224, aug_plus: bool = True) -> Callable
             crop,
             transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
-            transforms.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+            transforms.RandomApply([GaussianBlur(blur_sigma(image_size))], p=0.5),
         ]
     else:
         augmentation = [crop, transforms.RandomGrayscale(p=0.2), transforms.ColorJitter(0.4, 0.4, 0.4, 0.4)]

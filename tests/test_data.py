@@ -228,7 +228,10 @@ def test_transforms_are_mocos():
     assert v2[0].size == (64, 64) and v2[0].scale == (0.2, 1.0) and v2[2].p == 0.2
     jitter, blur = v2[1].transforms[0], v2[3].transforms[0]
     assert v2[1].p == 0.8 and (jitter.brightness, jitter.hue) == ((0.6, 1.4), (-0.1, 0.1))
-    assert v2[3].p == 0.5 and isinstance(blur, GaussianBlur) and blur.sigma == (0.1, 2.0)
+    assert v2[3].p == 0.5 and isinstance(blur, GaussianBlur)
+    # The blur is MoCo's relative to the image: (0.1, 2.0) px at 224 px, scaled with the crop elsewhere.
+    assert pretrain_transform(224).transforms[3].transforms[0].sigma == (0.1, 2.0)
+    assert blur.sigma == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
     v1 = pretrain_transform(64, aug_plus=False).transforms
     assert [type(t) for t in v1] == [T.RandomResizedCrop, T.RandomGrayscale, T.ColorJitter,
                                      T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
