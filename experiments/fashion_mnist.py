@@ -32,17 +32,38 @@ from moco_mgd import plots  # noqa: E402
 from moco_mgd.data import FASHION_MNIST_DIR, find_fashion_mnist  # noqa: E402
 from moco_mgd.results import read_result, results_table, run_result, write_result  # noqa: E402
 
-# Student methods: the pretraining flags each adds to the common ones. None: no teacher.
-METHODS: dict[str, list[str] | None] = {
-    "baseline": None,
+# Student methods. A "+" combines an MGD variant with embedding losses; an embedding loss
+# alone runs with --no-mgd. Their flags: method_flags().
+MGD_VARIANTS: dict[str, list[str]] = {
     "mgd-amp": ["--mgd-reducer", "amp"],
     "mgd-rd": ["--mgd-reducer", "rd"],
     "mgd-sm": ["--mgd-reducer", "sm"],
     "mgd-amp-nomatch": ["--mgd-reducer", "amp", "--mgd-schedule", "none"],
 }
+EMBEDDING_METHODS = ("cckd", "disco", "seed")
+METHODS = ("baseline", *MGD_VARIANTS, *EMBEDDING_METHODS, *(f"mgd-amp+{e}" for e in EMBEDDING_METHODS))
 TITLES = {"teacher": "teacher (MoCo-v2 {teacher})", "baseline": "baseline (MoCo-v2 {student})",
           "mgd-amp": "MGD-AMP", "mgd-rd": "MGD-RD", "mgd-sm": "MGD-SM",
-          "mgd-amp-nomatch": "MGD-AMP without matching", "random": "random init {student}"}
+          "mgd-amp-nomatch": "MGD-AMP without matching", "cckd": "CCKD", "disco": "DisCo", "seed": "SEED",
+          "mgd-amp+cckd": "MGD-AMP + CCKD", "mgd-amp+disco": "MGD-AMP + DisCo", "mgd-amp+seed": "MGD-AMP + SEED",
+          "random": "random init {student}"}
+
+
+def method_flags(method: str, args: argparse.Namespace) -> list[str] | None:
+    """The pretraining flags ``method`` adds to the teacher's; None for the baseline (no teacher)."""
+    if method == "baseline":
+        return None
+    parts = method.split("+")
+    mgd = [part for part in parts if part in MGD_VARIANTS]
+    flags = list(MGD_VARIANTS[mgd[0]]) if mgd else ["--no-mgd"]
+    if "cckd" in parts:
+        flags += ["--cckd-weight", str(args.cckd_weight)]
+    if "disco" in parts:
+        flags += ["--disco-weight", str(args.disco_weight)] + (["--disco-both-views"] if args.disco_both_views else []) \
+            + (["--mlp-hidden-dim", str(args.disco_hidden_dim)] if args.disco_hidden_dim else [])
+    if "seed" in parts:
+        flags += ["--seed-weight", str(args.seed_weight), "--seed-queue", str(args.seed_queue or args.moco_k)]
+    return flags
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,7 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--download", action="store_true",
                         help="if the data is missing and cannot be installed with apt, let torchvision download it "
                              "into OUTPUT/data (network access)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[:5]), choices=list(METHODS),
+                        help="student methods (default: the MGD study; add cckd disco seed and mgd-amp+cckd ... for "
+                             "the embedding losses)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5, help="pretraining epochs of every run")
     parser.add_argument("--teacher-epochs", type=int, default=0, help="the teacher's (default: --epochs)")
@@ -63,7 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student-arch", default="resnet18")
     parser.add_argument("--teacher-arch", default="resnet50")
     parser.add_argument("-b", "--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.06)
+    parser.add_argument("--lr", type=float, default=0.0,
+                        help="pretraining lr (default: MoCo's 0.03 per 256 images, scaled linearly to -b: 0.0075 for "
+                             "64; 8x that, as MoCo's CIFAR demo, made ResNet-18 worse with training here)")
     parser.add_argument("--moco-k", type=int, default=4096)
     parser.add_argument("--moco-t", type=float, default=0.2, help="MoCo-v2's temperature")
     parser.add_argument("--moco-m", type=float, default=0.99,
@@ -71,6 +96,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mgd-schedule", default="every:1")
     parser.add_argument("--mgd-samples", type=int, default=2048)
     parser.add_argument("--mgd-loss-factor", type=float, default=1e4)
+    parser.add_argument("--cckd-weight", type=float, default=1.0)
+    parser.add_argument("--disco-weight", type=float, default=32.0,
+                        help="on the batch mean: DisCo's released code sums over each GPU's 32 images with weight 1")
+    parser.add_argument("--disco-both-views", action="store_true", help="DisCo on the key view too")
+    parser.add_argument("--disco-hidden-dim", type=int, default=0, help="DisCo's wider student MLP (DisCo: 2048)")
+    parser.add_argument("--seed-weight", type=float, default=1.0)
+    parser.add_argument("--seed-queue", type=int, default=0, help="SEED's queue (default: --moco-k)")
     parser.add_argument("--knn-freq", type=int, default=0, help="kNN every N epochs (default: at the end only)")
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--knn-t", type=float, default=0.07)
@@ -89,6 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if not args.lr:
+        args.lr = 0.03 * args.batch_size / 256
     for name in ("epochs", "images", "image_size", "batch_size", "lincls_epochs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
@@ -96,6 +130,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--images {args.images} is smaller than one batch (-b {args.batch_size})")
     if args.moco_k % args.batch_size:
         raise SystemExit(f"--moco-k {args.moco_k} must be a multiple of -b {args.batch_size}")
+    if args.seed_queue % args.batch_size:
+        raise SystemExit(f"--seed-queue {args.seed_queue} must be a multiple of -b {args.batch_size}")
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {args.seeds} repeats a seed")
 
@@ -231,13 +267,19 @@ def main(argv: list[str] | None = None) -> None:
                      "--teacher-checkpoint", str(last_checkpoint(teacher_dir, teacher_epochs)),
                      "--mgd-schedule", args.mgd_schedule, "--mgd-samples", str(args.mgd_samples),
                      "--mgd-loss-factor", str(args.mgd_loss_factor)]
-    # (run directory, how to do it): the teacher first, then seed by seed.
-    plan = [(teacher_dir, lambda: pretrain_and_evaluate(args, data, "teacher", args.seeds[0], teacher_dir,
-                                                        args.teacher_arch, teacher_epochs, []))]
+    # (run directory, how to do it): the teacher first, then seed by seed. Only the baseline
+    # and the random floor need no teacher: run alone, they can train beside another
+    # invocation that trains it (same --output-dir; --report-only assembles the table).
+    plan = []
+    needs_teacher = any(method_flags(m, args) is not None for m in args.methods)
+    if needs_teacher or read_result(teacher_dir) is not None:
+        plan.append((teacher_dir, lambda: pretrain_and_evaluate(args, data, "teacher", args.seeds[0], teacher_dir,
+                                                                args.teacher_arch, teacher_epochs, [])))
     for seed in args.seeds:
         for method in args.methods:
             run_dir = output / f"seed{seed}" / method
-            extra = [] if METHODS[method] is None else teacher_flags + METHODS[method]
+            flags = method_flags(method, args)
+            extra = [] if flags is None else teacher_flags + flags
             plan.append((run_dir, lambda m=method, s=seed, d=run_dir, e=extra: pretrain_and_evaluate(
                 args, data, m, s, d, args.student_arch, args.epochs, e)))
         run_dir = output / f"seed{seed}" / "random"
@@ -250,17 +292,24 @@ def main(argv: list[str] | None = None) -> None:
     titles = {m: t.format(teacher=args.teacher_arch, student=args.student_arch) for m, t in TITLES.items()}
     table = results_table(results, ["teacher", *args.methods, "random"], titles)
     settings = (f"Fashion-MNIST, {args.images} training images at {args.image_size} px ({args.stem} stem), "
-                f"{args.epochs} pretraining epochs (teacher {teacher_epochs}), -b {args.batch_size}, "
+                f"{args.epochs} pretraining epochs (teacher {teacher_epochs}), -b {args.batch_size} --lr {args.lr:g}, "
                 f"--moco-t {args.moco_t} --moco-m {args.moco_m}, MGD matching {args.mgd_schedule} on "
                 f"{args.mgd_samples} images, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
                 f"T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached features) on the "
                 f"10,000 test images")
+    if any("+" in m or m in EMBEDDING_METHODS for m in args.methods):
+        settings += (f"; embedding losses: CCKD weight {args.cckd_weight} (rbf-taylor, P=2, gamma 0.4), DisCo "
+                     f"weight {args.disco_weight} ({'both views' if args.disco_both_views else 'query view'}"
+                     f"{f', MLP hidden {args.disco_hidden_dim}' if args.disco_hidden_dim else ''}), SEED weight "
+                     f"{args.seed_weight} (queue {args.seed_queue or args.moco_k}, T 0.2 / 1e-4)")
     (output / "results.md").write_text(settings + "\n\n" + table)
     (output / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
     figure_run, baseline_run = (output / f"seed{args.seeds[0]}" / method for method in ("mgd-amp", "baseline"))
     if (figure_run / "metrics.jsonl").is_file():
         compare = {"baseline": baseline_run} if (baseline_run / "metrics.jsonl").is_file() else {}
-        plots.write_run_figures(figure_run, output / "figures", label="MGD-AMP", compare=compare)
+        random_run = output / f"seed{args.seeds[0]}" / "random"
+        references = {"random init": random_run} if (random_run / "metrics.jsonl").is_file() else {}
+        plots.write_run_figures(figure_run, output / "figures", label="MGD-AMP", compare=compare, references=references)
     print(f"\n{settings}\n\n{table}\nwritten to {output / 'results.md'} in {time.perf_counter() - start:.0f} s",
           flush=True)
 

@@ -5,8 +5,9 @@
 * ``assignment_stability.png``: the teacher channel matched to a random sample of student
   channels at each update, and the fraction of teacher channels that changed student (Fig. 6;
   the targets change a lot at first, then settle).
-* ``training_curves.png``: InfoNCE, MGD loss per stage and kNN top-1 per epoch of one or more
-  runs (e.g. baseline vs MGD), with the teacher's kNN top-1 as a dashed reference.
+* ``training_curves.png``: InfoNCE, MGD loss per stage, the embedding losses (CCKD, DisCo,
+  SEED; runs that have them) and kNN top-1 per epoch of one or more runs (e.g. baseline vs
+  MGD), with the teacher's kNN top-1 and any given reference (e.g. random weights) dashed.
 
 The data extraction is pure (records in, arrays out); the ``plot_*`` functions only draw.
 Regenerate from a log: ``python -m moco_mgd.plots RUN_DIR --compare baseline=OTHER_RUN_DIR``.
@@ -29,11 +30,12 @@ from moco_mgd.logs import MetricsLog, read_metrics
 from moco_mgd.mgd import assignment_groups
 
 __all__ = ["matching_costs", "changed_fractions", "group_representatives", "assignment_history",
-           "epoch_curves", "teacher_knn_top1", "plot_matching_cost", "plot_assignment_stability",
+           "epoch_curves", "teacher_knn_top1", "last_knn_top1", "plot_matching_cost", "plot_assignment_stability",
            "plot_training_curves", "write_run_figures"]
 
 Records = Sequence[Mapping]
 Curve = tuple[np.ndarray, np.ndarray]  # (x, y)
+EMBEDDING_LOSSES = {"cckd": "CCKD", "disco": "DisCo", "seed": "SEED"}  # keys of the epoch records
 logger = logging.getLogger("moco_mgd")
 
 
@@ -88,11 +90,12 @@ def assignment_history(records: Records, stage: str, num_channels: int = 50,
 
 
 def epoch_curves(records: Records) -> dict[str, Curve]:
-    """Per-epoch curves against epochs done: ``infonce``, ``mgd_<stage>`` (MGD runs) and ``knn_top1``."""
+    """Per-epoch curves against epochs done: ``infonce``, ``mgd_<stage>`` (MGD runs), the
+    embedding losses that were on (``cckd``, ``disco``, ``seed``) and ``knn_top1``."""
     epochs = _last_per_epoch(records, "epoch")
     done = np.array([int(r["epoch"]) + 1 for r in epochs])  # an epoch record's epoch is the 0-based index
     curves = {}
-    for key in ["infonce", *sorted({k for r in epochs for k in r if k.startswith("mgd_")})]:
+    for key in ["infonce", *sorted({k for r in epochs for k in r if k.startswith("mgd_")}), *EMBEDDING_LOSSES]:
         have = [i for i, r in enumerate(epochs) if key in r]
         if have:
             curves[key] = (done[have], np.array([float(epochs[i][key]) for i in have]))
@@ -106,6 +109,14 @@ def teacher_knn_top1(records: Records) -> float | None:
     """The teacher's kNN top-1 (record kind ``knn_teacher``), or None when it was not measured."""
     teacher = _last_per_epoch(records, "knn_teacher")
     return float(teacher[-1]["top1"]) if teacher else None
+
+
+def last_knn_top1(records: Records) -> float:
+    """The last kNN top-1 of a log (e.g. of ``python -m moco_mgd.knn --random-init --output-dir``)."""
+    knn = [r for r in records if r.get("kind") == "knn"]
+    if not knn:
+        raise ValueError("the log has no kNN record (kind 'knn') to draw as a reference")
+    return float(knn[-1]["top1"])
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> Path:
@@ -181,13 +192,17 @@ def plot_assignment_stability(records: Records, path: str | os.PathLike, num_cha
     return _save(figure, path)
 
 
-def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike) -> Path:
-    """InfoNCE, MGD loss per stage (runs that have it) and kNN top-1 per epoch, one colour per run."""
+def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike,
+                         references: Mapping[str, float] | None = None) -> Path:
+    """InfoNCE, MGD loss per stage and embedding losses (runs that have them) and kNN top-1 per
+    epoch, one colour per run; ``references`` (label -> kNN top-1) are dashed lines on the kNN panel."""
     curves = {label: epoch_curves(records) for label, records in runs.items()}
     colours = {label: f"C{i}" for i, label in enumerate(runs)}
     has_mgd = any(k.startswith("mgd_") for c in curves.values() for k in c)
+    has_embedding = any(k in EMBEDDING_LOSSES for c in curves.values() for k in c)
     has_knn = any("knn_top1" in c for c in curves.values())
-    panels = ["infonce", *(["mgd"] if has_mgd else []), *(["knn"] if has_knn else [])]
+    panels = ["infonce", *(["mgd"] if has_mgd else []), *(["embedding"] if has_embedding else []),
+              *(["knn"] if has_knn else [])]
     figure = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
     axes = dict(zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]))
     markers = "osD^v<>p"
@@ -200,6 +215,9 @@ def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike) -
         for i, key in enumerate(stages):
             _plot_curve(axes["mgd"], run[key], marker=markers[i % len(markers)], label=f"{label} {key[4:]}",
                         alpha=1 - 0.6 * i / len(stages), **line)
+        for i, key in enumerate(k for k in EMBEDDING_LOSSES if k in run):
+            _plot_curve(axes["embedding"], run[key], marker=markers[i], linestyle=("-", "--", ":")[i],
+                        label=f"{label} {EMBEDDING_LOSSES[key]}", **line)
         if "knn_top1" in run:
             _plot_curve(axes["knn"], run["knn_top1"], marker="o", label=label, **line)
         teacher = teacher_knn_top1(runs[label])
@@ -208,9 +226,12 @@ def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike) -
     for value, label in teachers.items():
         axes["knn"].axhline(value, linestyle="--", color="0.3" if len(teachers) == 1 else colours[label],
                             label="teacher" if len(teachers) == 1 else f"teacher ({label} run)")
+    for i, (name, value) in enumerate((references or {}).items()):
+        if has_knn:
+            axes["knn"].axhline(value, linestyle=(0, (1, 2 + i)), color="0.55", label=name)
     last_epoch = max((int(c[0].max()) for run in curves.values() for c in run.values() if len(c[0])), default=1)
     titles = {"infonce": ("InfoNCE loss", "loss"), "mgd": ("MGD loss per stage", "loss"),
-              "knn": ("kNN top-1", "top-1 (%)")}
+              "embedding": ("embedding losses (unweighted)", "loss"), "knn": ("kNN top-1", "top-1 (%)")}
     for name, ax in axes.items():
         ax.set(title=titles[name][0], ylabel=titles[name][1], xlabel="epochs done")
         ax.set_xlim(0.5, last_epoch + 0.5)  # the same epochs on every panel, even with one kNN point
@@ -224,7 +245,8 @@ def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike) -
 
 def write_run_figures(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None,
                       compare: Mapping[str, str | os.PathLike | Records] | None = None,
-                      metrics_log: MetricsLog | None = None, label: str | None = None) -> list[Path]:
+                      metrics_log: MetricsLog | None = None, label: str | None = None,
+                      references: Mapping[str, str | os.PathLike | float] | None = None) -> list[Path]:
     """Write a run's figures; the matching ones only when the run did MGD matching.
 
     Args:
@@ -233,6 +255,8 @@ def write_run_figures(run_dir: str | os.PathLike, output_dir: str | os.PathLike 
         compare: other runs for ``training_curves.png``, label -> run directory or records.
         metrics_log: when given with wandb on, the figures are also sent to wandb through it.
         label: this run's name in the legend (default the directory name).
+        references: horizontal kNN lines, label -> a value or a run directory whose last kNN
+            record gives it (e.g. the random-weights floor of ``python -m moco_mgd.knn --random-init``).
 
     Returns:
         The paths written.
@@ -241,6 +265,8 @@ def write_run_figures(run_dir: str | os.PathLike, output_dir: str | os.PathLike 
     runs = {label or Path(run_dir).resolve().name: records}
     for name, other in (compare or {}).items():  # all logs are read first: a bad one writes nothing
         runs[name] = read_metrics(other) if isinstance(other, (str, os.PathLike)) else other
+    lines = {name: float(ref) if isinstance(ref, (int, float)) else last_knn_top1(read_metrics(ref))
+             for name, ref in (references or {}).items()}
     output = Path(output_dir if output_dir is not None else run_dir)
     written = []
     if any(r.get("kind") == "matching" for r in records):
@@ -248,20 +274,20 @@ def write_run_figures(run_dir: str | os.PathLike, output_dir: str | os.PathLike 
         written.append(plot_assignment_stability(records, output / "assignment_stability.png"))
     else:
         logger.info("%s has no matching records (not an MGD run): no matching figures", run_dir)
-    written.append(plot_training_curves(runs, output / "training_curves.png"))
+    written.append(plot_training_curves(runs, output / "training_curves.png", lines))
     if metrics_log is not None:
         metrics_log.log_images({p.stem: p for p in written})
     return written
 
 
-def _parse_compare(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Path]:
-    compare = {}
+def _parse_runs(parser: argparse.ArgumentParser, items: Sequence[str], flag: str) -> dict[str, Path]:
+    runs = {}
     for item in items:
         name, sep, directory = item.partition("=")
         if not sep or not name or not directory:
-            parser.error(f"--compare {item!r}: expected LABEL=RUN_DIR, e.g. --compare baseline=output/baseline")
-        compare[name] = Path(directory)
-    return compare
+            parser.error(f"{flag} {item!r}: expected LABEL=RUN_DIR, e.g. {flag} baseline=output/baseline")
+        runs[name] = Path(directory)
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
@@ -269,14 +295,18 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("run_dir", type=Path, help="a run's output directory (holds metrics.jsonl)")
     parser.add_argument("--compare", nargs="+", action="extend", default=[], metavar="LABEL=DIR",
                         help="other runs to draw on the training curves (repeatable)")
+    parser.add_argument("--reference", nargs="+", action="extend", default=[], metavar="LABEL=DIR",
+                        help="a dashed kNN line at a run's last kNN top-1, e.g. \"random init=RUN_DIR\" of "
+                             "python -m moco_mgd.knn --random-init --output-dir RUN_DIR")
     parser.add_argument("--label", help="this run's name in the legend (default: the directory name)")
     parser.add_argument("--output-dir", type=Path, help="where the PNGs go (default: RUN_DIR)")
     parser.add_argument("--wandb-project", help="also send the figures to this wandb project")
     args = parser.parse_args(argv)
-    compare = _parse_compare(parser, args.compare)
+    compare = _parse_runs(parser, args.compare, "--compare")
+    references = _parse_runs(parser, args.reference, "--reference")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        written = write_run_figures(args.run_dir, args.output_dir, compare, label=args.label)
+        written = write_run_figures(args.run_dir, args.output_dir, compare, label=args.label, references=references)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     if args.wandb_project:

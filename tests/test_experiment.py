@@ -104,6 +104,36 @@ def test_students_of_an_earlier_experiments_teacher(demo, fashion_dir, tmp_path)
     assert "| teacher (MoCo-v2 resnet50) | 0 |" in table and "random init" not in table
 
 
+def test_embedding_losses_alone_and_with_mgd(demo, fashion_dir, tmp_path):
+    out, _ = demo
+    stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path), "--data",
+                   str(fashion_dir), "--teacher-from", str(out), "--methods", "seed", "mgd-amp+cckd", "mgd-amp+disco",
+                   "--seeds", "0", "--epochs", "1", "--images", "64", "--no-random-init", "--disco-weight", "4",
+                   "--disco-both-views", *TINY])
+    commands = {run: next(line for line in stdout.splitlines() if "--output-dir " + str(tmp_path / "seed0" / run)
+                          in line and "main_moco_mgd.py" in line)
+                for run in ("seed", "mgd-amp+cckd", "mgd-amp+disco")}
+    assert "--no-mgd" in commands["seed"] and "--seed-weight 1.0 --seed-queue 64" in commands["seed"]
+    assert "--no-mgd" not in commands["mgd-amp+cckd"] and "--cckd-weight 1.0" in commands["mgd-amp+cckd"]
+    assert "--disco-weight 4.0 --disco-both-views" in commands["mgd-amp+disco"]
+    rows = {row.split(" | ")[0]: row for row in _table_rows((tmp_path / "results.md").read_text())}
+    assert {"| SEED", "| MGD-AMP + CCKD", "| MGD-AMP + DisCo"} <= rows.keys()
+    assert "DisCo weight 4.0 (both views)" in (tmp_path / "results.md").read_text()
+    for run in ("seed", "mgd-amp+cckd", "mgd-amp+disco"):
+        result = json.loads((tmp_path / "seed0" / run / "result.json").read_text())
+        assert 0.0 <= result["knn_top1"] <= 100.0 and 0.0 <= result["linear_top1"] <= 100.0
+
+
+def test_baselines_alone_train_no_teacher(fashion_dir, tmp_path):
+    # What lets a second invocation train the baselines while another trains the teacher.
+    stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path), "--data",
+                   str(fashion_dir), "--methods", "baseline", "--seeds", "3", "--epochs", "1", "--images", "64",
+                   "--no-random-init", *TINY])
+    assert not (tmp_path / "teacher").exists() and "== teacher" not in stdout
+    assert (tmp_path / "seed3" / "baseline" / "result.json").is_file()
+    assert "--lr 0.001875" in stdout                       # MoCo's 0.03 per 256 images, at -b 16
+
+
 def test_bad_arguments_fail_before_any_run(fashion_dir, tmp_path):
     def fails(*args):
         result = subprocess.run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path / "o"),

@@ -120,11 +120,39 @@ def test_nan_values_are_tolerated(mgd, tmp_path):
     assert_png(plots.plot_training_curves({"nan run": records}, tmp_path / "curves.png"))
 
 
+def test_embedding_losses_get_their_panel(mgd, tmp_path):
+    # The recorded MGD run, as if it had also trained with CCKD and SEED.
+    records = [dict(r, cckd=0.1 / (r["epoch"] + 1), seed=3.0 - r["epoch"]) if r["kind"] == "epoch" else r
+               for r in mgd]
+    curves = plots.epoch_curves(records)
+    epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
+    assert curves["seed"][1].tolist() == [3.0 - e for e in epochs] and curves["cckd"][0].tolist() == [e + 1
+                                                                                                       for e in epochs]
+    assert "disco" not in curves and "cckd" not in plots.epoch_curves(mgd)
+    assert_png(plots.plot_training_curves({"MGD + CCKD + SEED": records, "MGD": mgd}, tmp_path / "curves.png"))
+
+
+def test_reference_lines_come_from_a_runs_last_knn(tmp_path):
+    floor, no_knn = tmp_path / "random", tmp_path / "no_knn"
+    for run, line in ((floor, '{"kind": "knn", "epoch": 0, "top1": 12.5}'), (no_knn, '{"kind": "epoch", "epoch": 0}')):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(line + "\n")
+    assert plots.last_knn_top1(read_metrics(floor)) == 12.5
+    plots.write_run_figures(RECORDED / "mgd", tmp_path / "figures", references={"random init": floor, "paper": 50.0})
+    assert_png(tmp_path / "figures" / "training_curves.png")
+    with pytest.raises(ValueError, match="no kNN record"):
+        plots.write_run_figures(RECORDED / "mgd", tmp_path / "other", references={"floor": no_knn})
+    assert not (tmp_path / "other").exists()          # every log is read before anything is drawn
+
+
 def test_cli_writes_the_three_figures(tmp_path):
     run = tmp_path / "mgd"
     shutil.copytree(RECORDED / "mgd", run)
+    floor = tmp_path / "random"
+    floor.mkdir()
+    (floor / "metrics.jsonl").write_text('{"kind": "knn", "epoch": 0, "top1": 12.5}\n')
     result = subprocess.run([sys.executable, "-m", "moco_mgd.plots", str(run), "--label", "MGD",
-                             "--compare", f"baseline={RECORDED / 'baseline'}"],
+                             "--compare", f"baseline={RECORDED / 'baseline'}", "--reference", f"random init={floor}"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert {p.name for p in run.glob("*.png")} == FIGURES
@@ -135,6 +163,8 @@ def test_cli_writes_the_three_figures(tmp_path):
     (["{tmp}/nowhere"], "no metrics log at"),
     ([str(RECORDED / "mgd"), "--compare", "baseline"], "expected LABEL=RUN_DIR"),
     ([str(RECORDED / "mgd"), "--compare", "baseline={tmp}/nowhere"], "main_moco_mgd.py"),
+    ([str(RECORDED / "mgd"), "--reference", "floor"], "--reference 'floor': expected LABEL=RUN_DIR"),
+    ([str(RECORDED / "mgd"), "--reference", "floor={tmp}/nowhere"], "no metrics log at"),
 ])
 def test_cli_names_bad_input(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
