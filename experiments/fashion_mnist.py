@@ -96,12 +96,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mgd-schedule", default="every:1")
     parser.add_argument("--mgd-samples", type=int, default=2048)
     parser.add_argument("--mgd-loss-factor", type=float, default=1e4)
-    parser.add_argument("--cckd-weight", type=float, default=1.0)
+    parser.add_argument("--cckd-weight", type=float, default=20.0,
+                        help="CCKD was proposed for supervised distillation and gives no self-supervised weight: 20 "
+                             "gives its gradient on the student embedding the size of InfoNCE's at initialisation "
+                             "(measured on Fashion-MNIST: 0.19 vs 0.18 per batch of 64; at 1 it is 0.0096)")
     parser.add_argument("--disco-weight", type=float, default=32.0,
                         help="on the batch mean: DisCo's released code sums over each GPU's 32 images with weight 1")
     parser.add_argument("--disco-both-views", action="store_true", help="DisCo on the key view too")
     parser.add_argument("--disco-hidden-dim", type=int, default=0, help="DisCo's wider student MLP (DisCo: 2048)")
-    parser.add_argument("--seed-weight", type=float, default=1.0)
+    parser.add_argument("--seed-weight", type=float, default=1.0,
+                        help="SEED's loss alone in its paper; at 1 its gradient is InfoNCE's size at initialisation")
     parser.add_argument("--seed-queue", type=int, default=0, help="SEED's queue (default: --moco-k)")
     parser.add_argument("--knn-freq", type=int, default=0, help="kNN every N epochs (default: at the end only)")
     parser.add_argument("--knn-k", type=int, default=20)

@@ -114,7 +114,7 @@ def test_embedding_losses_alone_and_with_mgd(demo, fashion_dir, tmp_path):
                           in line and "main_moco_mgd.py" in line)
                 for run in ("seed", "mgd-amp+cckd", "mgd-amp+disco")}
     assert "--no-mgd" in commands["seed"] and "--seed-weight 1.0 --seed-queue 64" in commands["seed"]
-    assert "--no-mgd" not in commands["mgd-amp+cckd"] and "--cckd-weight 1.0" in commands["mgd-amp+cckd"]
+    assert "--no-mgd" not in commands["mgd-amp+cckd"] and "--cckd-weight 20.0" in commands["mgd-amp+cckd"]
     assert "--disco-weight 4.0 --disco-both-views" in commands["mgd-amp+disco"]
     rows = {row.split(" | ")[0]: row for row in _table_rows((tmp_path / "results.md").read_text())}
     assert {"| SEED", "| MGD-AMP + CCKD", "| MGD-AMP + DisCo"} <= rows.keys()
