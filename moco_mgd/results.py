@@ -16,7 +16,7 @@ from pathlib import Path
 from moco_mgd.logs import read_metrics
 
 __all__ = ["RESULT_FILE", "last_record", "run_result", "write_result", "read_result", "summarize",
-           "results_table"]
+           "paired_differences", "results_table"]
 
 RESULT_FILE = "result.json"
 # (key in a result, column title, digits): the columns of the results table.
@@ -68,28 +68,53 @@ def summarize(values: Iterable[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), std, len(values)
 
 
-def _cell(values: list[float], digits: int) -> str:
+def _cell(values: list[float], digits: int, signed: bool = False) -> str:
     mean, std, n = summarize(values)
-    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.{digits}f}" if n == 1 else f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
 
 
-def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Mapping[str, str] | None = None) -> str:
+def paired_differences(results: Iterable[Mapping], method: str, key: str, reference: str = "baseline") -> list[float]:
+    """``method`` minus ``reference`` on ``key``, seed by seed, over the seeds both have.
+
+    A run and the reference run of the same seed share their initialisation and data order:
+    their difference varies less than either number does over seeds.
+    """
+    results = list(results)
+    reference_by_seed = {r["seed"]: r[key] for r in results if r["method"] == reference}
+    return [r[key] - reference_by_seed[r["seed"]] for r in sorted(results, key=lambda r: r["seed"])
+            if r["method"] == method and r["seed"] in reference_by_seed]
+
+
+def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Mapping[str, str] | None = None,
+                  reference: str = "baseline") -> str:
     """A markdown table: one row per method (in ``methods`` order), mean ± std over its seeds.
+
+    When ``reference`` has results, two more columns give each method's top-1 minus the
+    reference's of the same seed (:func:`paired_differences`), mean ± std over the shared seeds.
 
     Args:
         results: run results with at least ``method``, ``seed`` and the :data:`COLUMNS` keys.
         methods: the rows; a method without results is left out.
         titles: a longer name for a method's row (default: the method).
+        reference: the method the paired differences are taken against.
     """
     results = list(results)
     titles = titles or {}
-    lines = ["| method | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|---|" + "---:|" * len(COLUMNS)]
+    paired = any(r["method"] == reference for r in results)
+    deltas = (("knn_top1", "Δ kNN"), ("linear_top1", "Δ linear")) if paired else ()
+    header = [title for _, title, _ in COLUMNS[:2]] + [f"{t} vs {reference}" for _, t in deltas] \
+        + [title for _, title, _ in COLUMNS[2:]]
+    lines = ["| method | seeds | " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(header)]
     for method in methods:
         runs = [r for r in results if r["method"] == method]
         if not runs:
             continue
         seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
-        cells = [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS]
+        cells = [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS[:2]]
+        for key, _ in deltas:
+            differences = paired_differences(results, method, key, reference)
+            cells.append("" if method == reference or not differences else _cell(differences, 2, signed=True))
+        cells += [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS[2:]]
         lines.append(f"| {titles.get(method, method)} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -61,11 +61,14 @@ def test_demo_trains_three_networks_and_prints_the_table(demo):
     rows = _table_rows(table)
     assert [row.split(" | ")[0] for row in rows] == ["| teacher (MoCo-v2 resnet50)", "| baseline (MoCo-v2 resnet18)",
                                                    "| MGD-AMP", "| random init resnet18"]
+    header = next(line for line in table.splitlines() if line.startswith("| method")).strip("| ").split(" | ")
     for row in rows:
-        cells = row.strip("| ").split(" | ")
-        assert cells[1] == "0"                              # one seed
-        knn_top1, linear_top1, pretrain_s = (float(c) for c in cells[2:5])
+        cells = dict(zip(header, row.strip("| ").split(" | ")))
+        assert cells["seeds"] == "0"                        # one seed
+        knn_top1, linear_top1, pretrain_s = (float(cells[c]) for c in ("kNN top-1", "linear top-1", "pretrain s"))
         assert 0.0 <= knn_top1 <= 100.0 and 0.0 <= linear_top1 <= 100.0 and math.isfinite(pretrain_s)
+        if not cells["method"].startswith("baseline"):      # paired with the baseline of the same seed
+            assert math.isfinite(float(cells["Δ kNN vs baseline"]))
     results = json.loads((out / "results.json").read_text())["results"]
     assert {r["method"] for r in results} == {"teacher", "baseline", "mgd-amp", "random"}
 
@@ -132,6 +135,22 @@ def test_baselines_alone_train_no_teacher(fashion_dir, tmp_path):
     assert not (tmp_path / "teacher").exists() and "== teacher" not in stdout
     assert (tmp_path / "seed3" / "baseline" / "result.json").is_file()
     assert "--lr 0.001875" in stdout                       # MoCo's 0.03 per 256 images, at -b 16
+
+
+def test_loss_balance_measures_every_loss_against_infonce(demo, fashion_dir, capsys):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import loss_balance
+
+    out, _ = demo
+    means = loss_balance.main([str(fashion_dir), "--dataset", "fashion-mnist", "--image-size", "32", "-b", "8",
+                               "--batches", "2", "--mgd-samples", "16", "--moco-k", "64", "--mgd-loss-factor", "100",
+                               "--teacher-checkpoint", str(out / "teacher" / "checkpoint_0000.pth.tar")])
+    assert list(means) == ["InfoNCE", "MGD (factor 100)", "CCKD", "DisCo", "SEED"]
+    for name, (value, on_q, on_backbone) in means.items():
+        assert math.isfinite(value) and on_backbone > 0, name
+        assert (on_q == 0) == name.startswith("MGD"), name      # MGD acts on the stages, not on q
+    printed = capsys.readouterr().out
+    assert "| InfoNCE |" in printed and printed.count("weighted share of MGD") == 4
 
 
 def test_bad_arguments_fail_before_any_run(fashion_dir, tmp_path):

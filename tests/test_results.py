@@ -64,3 +64,20 @@ def test_results_table_rows_in_method_order_with_mean_and_std():
     assert len(table) == 4  # header, rule, teacher, MGD-AMP: the baseline has no result and no row
     assert table[2] == "| teacher | 0 | 75.00 | 81.00 | 100 | 10 |"   # one run: no ± at all
     assert table[3] == "| MGD-AMP | 0,1 | 71.00 ± 1.41 | 81.00 ± 1.41 | 100 ± 0 | 10 ± 0 |"
+
+
+def test_paired_differences_against_the_baseline_of_the_same_seed():
+    results = [_result("baseline", 0, 70.0, 80.0), _result("baseline", 1, 74.0, 82.0), _result("baseline", 2, 72.0, 81.0),
+               _result("mgd-amp", 0, 71.0, 80.5), _result("mgd-amp", 1, 75.5, 82.0), _result("mgd-amp", 2, 72.5, 81.0),
+               _result("teacher", 0, 65.0, 70.0)]
+    from moco_mgd.results import paired_differences
+
+    assert paired_differences(results, "mgd-amp", "knn_top1") == [1.0, 1.5, 0.5]
+    table = results_table(results, ["teacher", "baseline", "mgd-amp", "random"], {"baseline": "base"}).splitlines()
+    assert table[0] == ("| method | seeds | kNN top-1 | linear top-1 | Δ kNN vs baseline | Δ linear vs baseline | pretrain s "
+                        "| eval s |")
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in table[2:]}
+    # MGD-AMP is 1.00 ± 0.50 better per seed, while each mean spreads by about 2 over the seeds.
+    assert rows["| mgd-amp"][2:6] == ["73.00 ± 2.29", "81.17 ± 0.76", "+1.00 ± 0.50", "+0.17 ± 0.29"]
+    assert rows["| teacher"][4:6] == ["-5.00", "-10.00"]          # its one seed against baseline seed 0
+    assert rows["| base"][4:6] == ["", ""]
