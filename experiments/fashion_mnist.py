@@ -93,6 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--moco-t", type=float, default=0.2, help="MoCo-v2's temperature")
     parser.add_argument("--moco-m", type=float, default=0.99,
                         help="0.99, not MoCo's 0.999: a few hundred steps would leave the key encoder half at init")
+    parser.add_argument("--shuffle-bn-splits", type=int, default=8,
+                        help="BN groups of the key batch in one process (main_moco_mgd.py's flag)")
     parser.add_argument("--mgd-schedule", default="every:1")
     parser.add_argument("--mgd-samples", type=int, default=2048)
     parser.add_argument("--mgd-loss-factor", type=float, default=1e4)
@@ -213,6 +215,7 @@ def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path
                 "-b", str(args.batch_size), "--lr", str(args.lr), "--moco-k", str(args.moco_k), "--moco-t",
                 str(args.moco_t), "--moco-m", str(args.moco_m), "--mlp",
                 "--aug-plus", "--cos", "--max-images", str(args.images), "-p", str(args.print_freq),
+                "--shuffle-bn-splits", str(args.shuffle_bn_splits),
                 "--knn-freq", str(args.knn_freq or epochs), "--knn-k", str(args.knn_k), "--knn-t", str(args.knn_t),
                 "--output-dir", str(run_dir), *extra]
     pretrain_seconds = run_command(pretrain, run_dir / "stdout.txt")
@@ -297,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     table = results_table(results, ["teacher", *args.methods, "random"], titles)
     settings = (f"Fashion-MNIST, {args.images} training images at {args.image_size} px ({args.stem} stem), "
                 f"{args.epochs} pretraining epochs (teacher {teacher_epochs}), -b {args.batch_size} --lr {args.lr:g}, "
-                f"--moco-t {args.moco_t} --moco-m {args.moco_m}, MGD matching {args.mgd_schedule} on "
+                f"--moco-t {args.moco_t} --moco-m {args.moco_m} --shuffle-bn-splits {args.shuffle_bn_splits}, MGD matching "
+                f"{args.mgd_schedule} on "
                 f"{args.mgd_samples} images, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
                 f"T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached features) on the "
                 f"10,000 test images")
