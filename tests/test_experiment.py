@@ -153,6 +153,21 @@ def test_loss_balance_measures_every_loss_against_infonce(demo, fashion_dir, cap
     assert "| InfoNCE |" in printed and printed.count("weighted share of MGD") == 4
 
 
+def test_matching_reliability_compares_two_halves(demo, fashion_dir):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import matching_reliability
+
+    out, _ = demo
+    rows = matching_reliability.main([str(fashion_dir), "--dataset", "fashion-mnist", "--image-size", "32",
+                                      "--images", "32", "-b", "16", "--teacher-checkpoint",
+                                      str(out / "teacher" / "checkpoint_0000.pth.tar")])
+    assert [(r["stage"], r["map"]) for r in rows] == [("layer1", "8x8"), ("layer2", "4x4"), ("layer3", "2x2"),
+                                                      ("layer4", "1x1")]
+    assert [r["chance"] for r in rows] == [1 / 64, 1 / 128, 1 / 256, 1 / 512]
+    for r in rows:
+        assert 0.0 <= r["agreement"] <= 1.0 and r["matched_cost"] <= r["random_cost"]   # the optimum beats chance
+
+
 def test_bad_arguments_fail_before_any_run(fashion_dir, tmp_path):
     def fails(*args):
         result = subprocess.run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path / "o"),
