@@ -11,7 +11,8 @@ import sys
 
 from moco_mgd.backbone import RESNET_ARCHS, STEMS
 from moco_mgd import launch
-from moco_mgd.pretrain import PretrainConfig, pretrain, validate
+from moco_mgd.pretrain import pretrain
+from moco_mgd.pretrain_config import PretrainConfig, validate
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

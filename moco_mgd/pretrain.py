@@ -1,15 +1,12 @@
-"""MoCo-v2 pretraining with optional MGD: configuration, checks, and the per-process run.
+"""MoCo-v2 pretraining with MGD and the embedding losses: the run of one process.
 
-``main_moco_mgd.py`` parses the command line into a :class:`PretrainConfig`, calls
-:func:`validate` (every bad input fails here, before any process starts or any file is
-written), then launches :func:`pretrain` in each process.
+Every launch mode (one process, ``mp.spawn``, torchrun, SLURM) ends in :func:`pretrain`,
+with a configuration already checked by :func:`moco_mgd.pretrain_config.validate`.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,181 +16,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from moco_mgd import checkpoint as ckpt
-from moco_mgd.backbone import head_dim, load_checkpoint_file, load_frozen_teacher, resnet_trunk
-from moco_mgd.data import (TwoCropsTransform, build_dataset, check_same_classes, eval_transform, pretrain_transform,
-                           random_subset)
+from moco_mgd.backbone import load_checkpoint_file, load_frozen_teacher, resnet_trunk
+from moco_mgd.data import TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
 from moco_mgd.distiller import MGDistiller
-from moco_mgd.embedding_distiller import EmbeddingDistiller
 from moco_mgd.engine import (Distillation, NonFiniteLossError, learning_rate, matching_epochs,
                              run_matching_update, set_learning_rate, train_one_epoch)
 from moco_mgd.knn import knn_evaluate
 from moco_mgd.launch import DistEnv, per_process_batch
 from moco_mgd.logs import MetricsLog, setup_logging
-from moco_mgd.moco import MoCo
+from moco_mgd.pretrain_config import PretrainConfig, build_embedding_distiller, build_moco, check_resume
 from moco_mgd.taps import FeatureTaps
 
-__all__ = ["PretrainConfig", "validate", "pretrain"]
+__all__ = ["pretrain"]
 
 logger = logging.getLogger("moco_mgd")
-
-
-@dataclass
-class PretrainConfig:
-    """Everything a pretraining run depends on; stored in every checkpoint as a plain dict."""
-
-    data: str = ""
-    dataset: str = "imagefolder"
-    arch: str = "resnet18"
-    workers: int = 32
-    epochs: int = 200
-    start_epoch: int = 0
-    batch_size: int = 256
-    lr: float = 0.03
-    schedule: list[int] = field(default_factory=lambda: [120, 160])
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    print_freq: int = 10
-    resume: str = ""
-    seed: int | None = None
-    moco_dim: int = 128
-    moco_k: int = 65536
-    moco_m: float = 0.999
-    moco_t: float = 0.07
-    mlp: bool = False
-    aug_plus: bool = False
-    cos: bool = False
-    image_size: int = 224
-    stem: str = "imagenet"
-    shuffle_bn_splits: int = 8
-    teacher_arch: str = "resnet50"
-    teacher_checkpoint: str = ""
-    mgd: bool = True
-    mgd_reducer: str = "amp"
-    mgd_loss_factor: float = 1e4
-    mgd_schedule: str = "authors"
-    mgd_samples: int = 20000
-    cckd_weight: float = 0.0
-    cckd_kernel: str = "rbf-taylor"
-    cckd_gamma: float = 0.4
-    cckd_order: int = 2
-    disco_weight: float = 0.0
-    disco_both_views: bool = False
-    mlp_hidden_dim: int = 0
-    seed_weight: float = 0.0
-    seed_queue: int = 65536
-    seed_t: float = 0.2
-    seed_teacher_t: float = 1e-4
-    output_dir: str = "."
-    amp: str = "auto"
-    channels_last: bool | None = None
-    keep_checkpoints: int = 2
-    max_skipped_images: int = 100
-    max_images: int = 0
-    knn_freq: int = 0
-    knn_k: int = 200
-    knn_t: float = 0.1
-    wandb_project: str = ""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def use_mgd(self) -> bool:
-        return self.mgd and bool(self.teacher_checkpoint)
-
-    @property
-    def use_embedding_losses(self) -> bool:
-        return any(w > 0 for w in (self.cckd_weight, self.disco_weight, self.seed_weight))
-
-    @property
-    def use_teacher(self) -> bool:
-        return self.use_mgd or (self.use_embedding_losses and bool(self.teacher_checkpoint))
-
-
-def build_moco(config: PretrainConfig) -> MoCo:
-    return MoCo(config.arch, config.moco_dim, config.moco_k, config.moco_m, config.moco_t, config.mlp,
-                shuffle_bn_splits=config.shuffle_bn_splits, stem=config.stem,
-                mlp_hidden_dim=config.mlp_hidden_dim or None)
-
-
-def build_embedding_distiller(config: PretrainConfig, teacher: nn.Module) -> EmbeddingDistiller:
-    """The embedding losses of ``config``, between the student's head and ``teacher``'s (with its head)."""
-    return EmbeddingDistiller(
-        config.moco_dim, head_dim(teacher), cckd_weight=config.cckd_weight, cckd_kernel=config.cckd_kernel, cckd_gamma=config.cckd_gamma,
-        cckd_order=config.cckd_order, disco_weight=config.disco_weight, disco_both_views=config.disco_both_views,
-        seed_weight=config.seed_weight, seed_queue=config.seed_queue, seed_t=config.seed_t,
-        seed_teacher_t=config.seed_teacher_t)
-
-
-def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> None:
-    """Refuse a run that cannot work, before anything starts. Raises with the fix in the message."""
-    if local_world_size > config.batch_size:
-        raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
-                         f"of a node: each process needs at least one image")
-    global_batch = per_process_batch(config.batch_size, local_world_size) * world_size
-    if config.moco_k % global_batch:
-        raise ValueError(f"--moco-k {config.moco_k} is not divisible by the global batch size {global_batch} "
-                         f"({world_size} processes x {global_batch // world_size}): the queue is filled in whole "
-                         f"batches; choose K as a multiple of {global_batch}")
-    if config.mgd_reducer not in ("amp", "rd", "sm", "max", "avg"):
-        raise ValueError(f"unknown --mgd-reducer {config.mgd_reducer!r}: choose amp, rd, sm, max or avg")
-    matching_epochs(config.mgd_schedule, config.epochs)
-    if config.max_images < 0:
-        raise ValueError(f"--max-images {config.max_images}: pass a positive number, or 0 for all images")
-    if config.use_embedding_losses and not config.teacher_checkpoint:
-        raise ValueError("--cckd-weight / --disco-weight / --seed-weight distil from a teacher: pass "
-                         "--teacher-checkpoint (add --no-mgd to use the embedding losses without MGD)")
-    if config.mlp_hidden_dim and not config.mlp:
-        raise ValueError(f"--mlp-hidden-dim {config.mlp_hidden_dim} widens the MoCo-v2 MLP head: add --mlp")
-    if config.mlp_hidden_dim < 0:
-        raise ValueError(f"--mlp-hidden-dim {config.mlp_hidden_dim}: pass a positive width, or 0 for MoCo's")
-    if config.seed_weight > 0 and config.seed_queue % global_batch:
-        raise ValueError(f"--seed-queue {config.seed_queue} is not divisible by the global batch size {global_batch}: "
-                         f"SEED's queue is filled in whole batches; choose a multiple of {global_batch}")
-    if config.use_mgd and config.mgd_samples < 1:
-        raise ValueError(f"--mgd-samples {config.mgd_samples}: the matching needs at least one image "
-                         f"(the authors use 20000)")
-    train_set = build_dataset(config.dataset, config.data, "train")
-    if config.knn_freq:
-        check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))
-    ckpt.check_writable(config.output_dir)
-    if config.use_teacher:
-        teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem,
-                                      with_head=config.use_embedding_losses)
-        if config.use_mgd:
-            MGDistiller.from_models(teacher, MoCo(config.arch, dim=config.moco_dim, K=global_batch,
-                                                  stem=config.stem).encoder_q)
-        if config.use_embedding_losses:
-            build_embedding_distiller(config, teacher)
-    resume = config.resume or ckpt.latest_checkpoint(config.output_dir)
-    if resume:
-        check_resume(load_checkpoint_file(resume, "--resume checkpoint"), config, str(resume))
-
-
-def check_resume(checkpoint, config: PretrainConfig, path: str) -> None:
-    """A checkpoint must come from a run of the same student (and teacher, with MGD on)."""
-    saved = checkpoint.get("config") or {}
-    differences = []
-    if checkpoint.get("arch") != config.arch:
-        differences.append(f"student -a {checkpoint.get('arch')!r} vs {config.arch!r}")
-    for key in ("moco_dim", "moco_k", "mlp", "stem", "mlp_hidden_dim"):
-        if key in saved and saved[key] != getattr(config, key):
-            differences.append(f"{key} {saved[key]!r} vs {getattr(config, key)!r}")
-    if config.use_mgd:
-        if checkpoint.get("mgd") is None:
-            differences.append("it comes from a run without MGD while MGD is on (pass --no-mgd, or start a new "
-                               "--output-dir)")
-        else:
-            for key in ("teacher_arch", "mgd_reducer"):
-                if key in saved and saved[key] != getattr(config, key):
-                    differences.append(f"{key} {saved[key]!r} vs {getattr(config, key)!r}")
-    if config.seed_weight > 0:
-        if "seed_queue.queue" not in (checkpoint.get("embedding") or {}):
-            differences.append("it has no SEED queue while --seed-weight is on (start a new --output-dir)")
-        elif "seed_queue" in saved and saved["seed_queue"] != config.seed_queue:
-            differences.append(f"seed_queue {saved['seed_queue']!r} vs {config.seed_queue!r}")
-    if differences:
-        raise ValueError(f"cannot resume from {path}: " + "; ".join(differences))
 
 
 def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

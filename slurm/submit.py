@@ -62,7 +62,8 @@ def _entry(name: str):
 
 def _worker_and_check(name: str):
     if name == "pretrain":
-        from moco_mgd.pretrain import pretrain, validate
+        from moco_mgd.pretrain import pretrain
+        from moco_mgd.pretrain_config import validate
 
         return pretrain, validate
     from moco_mgd.lincls import check_config, linear_eval
