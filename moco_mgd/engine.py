@@ -258,7 +258,7 @@ def train_one_epoch(
             if mgd_core is not None:
                 extra_text = f" MGD {step['mgd']:.4f} (" + " ".join(
                     f"{v:.3g}" for v in out.mgd_per_stage.tolist()) + ")"
-            extra_text += "".join(f" {name} {step[name]:.4f}" for name in out.embedding)
+            extra_text += "".join(f" {name} {step[name]:.4g}" for name in out.embedding)
             logger.info(
                 f"epoch {epoch} [{i + 1}/{num_batches or '?'}] eta {format_duration(eta) if num_batches else '?'} "
                 f"{images_per_s:.1f} img/s data {data_time / count:.3f}s InfoNCE {step['infonce']:.4f}{extra_text} "

@@ -176,7 +176,7 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
                 path = ckpt.save_checkpoint(state, ckpt.checkpoint_path(output_dir, epoch), config.keep_checkpoints)
                 logger.info(f"epoch {epoch} done: InfoNCE {means['infonce']:.4f}"
                             + (f" MGD {means['mgd']:.4f}" if mgd else "")
-                            + "".join(f" {name} {means[name]:.4f}" for name in ("cckd", "disco", "seed") if name in means)
+                            + "".join(f" {name} {means[name]:.4g}" for name in ("cckd", "disco", "seed") if name in means)
                             + f" acc@1 {means['acc1']:.1f} {means['images_per_s']:.1f} img/s; saved {path}")
         if env.is_main:
             _write_figures(output_dir, metrics)

@@ -105,10 +105,10 @@ def build_moco(config: PretrainConfig) -> MoCo:
 def build_embedding_distiller(config: PretrainConfig, teacher: nn.Module) -> EmbeddingDistiller:
     """The embedding losses of ``config``, between the student's head and ``teacher``'s (with its head)."""
     return EmbeddingDistiller(
-        config.moco_dim, head_dim(teacher), cckd_weight=config.cckd_weight, cckd_kernel=config.cckd_kernel, cckd_gamma=config.cckd_gamma,
-        cckd_order=config.cckd_order, disco_weight=config.disco_weight, disco_both_views=config.disco_both_views,
-        seed_weight=config.seed_weight, seed_queue=config.seed_queue, seed_t=config.seed_t,
-        seed_teacher_t=config.seed_teacher_t)
+        config.moco_dim, head_dim(teacher), cckd_weight=config.cckd_weight, cckd_kernel=config.cckd_kernel,
+        cckd_gamma=config.cckd_gamma, cckd_order=config.cckd_order, disco_weight=config.disco_weight,
+        disco_both_views=config.disco_both_views, seed_weight=config.seed_weight, seed_queue=config.seed_queue,
+        seed_t=config.seed_t, seed_teacher_t=config.seed_teacher_t)
 
 
 def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> None:
