@@ -216,8 +216,9 @@ def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike,
             _plot_curve(axes["mgd"], run[key], marker=markers[i % len(markers)], label=f"{label} {key[4:]}",
                         alpha=1 - 0.6 * i / len(stages), **line)
         for i, key in enumerate(k for k in EMBEDDING_LOSSES if k in run):
+            name = EMBEDDING_LOSSES[key]
             _plot_curve(axes["embedding"], run[key], marker=markers[i], linestyle=("-", "--", ":")[i],
-                        label=f"{label} {EMBEDDING_LOSSES[key]}", **line)
+                        label=label if label == name else f"{label} {name}", **line)
         if "knn_top1" in run:
             _plot_curve(axes["knn"], run["knn_top1"], marker="o", label=label, **line)
         teacher = teacher_knn_top1(runs[label])
@@ -232,6 +233,10 @@ def plot_training_curves(runs: Mapping[str, Records], path: str | os.PathLike,
     last_epoch = max((int(c[0].max()) for run in curves.values() for c in run.values() if len(c[0])), default=1)
     titles = {"infonce": ("InfoNCE loss", "loss"), "mgd": ("MGD loss per stage", "loss"),
               "embedding": ("embedding losses (unweighted)", "loss"), "knn": ("kNN top-1", "top-1 (%)")}
+    if has_embedding and all(values.min() > 0 for run in curves.values()
+                             for key, (_, values) in run.items() if key in EMBEDDING_LOSSES):
+        # The losses differ by orders of magnitude (CCKD ~1e-5, SEED ~1): linear would flatten all but one.
+        axes["embedding"].set_yscale("log")
     for name, ax in axes.items():
         ax.set(title=titles[name][0], ylabel=titles[name][1], xlabel="epochs done")
         ax.set_xlim(0.5, last_epoch + 0.5)  # the same epochs on every panel, even with one kNN point
