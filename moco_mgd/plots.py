@@ -278,7 +278,7 @@ def write_run_figures(run_dir: str | os.PathLike, output_dir: str | os.PathLike 
         written.append(plot_matching_cost(records, output / "matching_cost.png"))
         written.append(plot_assignment_stability(records, output / "assignment_stability.png"))
     else:
-        logger.info("%s has no matching records (not an MGD run): no matching figures", run_dir)
+        logger.info("%s has no matching records (not an MGD run, or a fixed matching): no matching figures", run_dir)
     written.append(plot_training_curves(runs, output / "training_curves.png", lines))
     if metrics_log is not None:
         metrics_log.log_images({p.stem: p for p in written})
