@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from moco_mgd import mgd  # noqa: E402
 from moco_mgd.backbone import RESNET_ARCHS, STEMS, build_resnet, load_frozen_teacher, load_pretrained_backbone  # noqa: E402
 from moco_mgd.data import build_dataset, eval_transform, random_subset  # noqa: E402
+from moco_mgd.distiller import MGDistiller, collect_matching_costs  # noqa: E402
 from moco_mgd.taps import STAGES, FeatureTaps  # noqa: E402
 
 
@@ -45,14 +46,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@torch.no_grad()
-def summed_costs(student_taps: FeatureTaps, teacher_taps: FeatureTaps, images, batch_size: int) -> list[torch.Tensor]:
+def summed_costs(distiller: MGDistiller, student_taps: FeatureTaps, teacher_taps: FeatureTaps, images,
+                 batch_size: int) -> list[torch.Tensor]:
     """Each stage's ``[Cs, Ct]`` channel cost (Eq. 6, cosine form), summed over ``images``, in float64."""
-    totals = None
-    for batch, _ in torch.utils.data.DataLoader(images, batch_size):
-        costs = [mgd.channel_cost(s, t).double() for s, t in zip(student_taps(batch), teacher_taps(batch))]
-        totals = costs if totals is None else [a + b for a, b in zip(totals, costs)]
-    return totals
+    collect_matching_costs(distiller, student_taps, teacher_taps, torch.utils.data.DataLoader(images, batch_size))
+    return distiller.accumulated_costs()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -67,12 +65,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         load_pretrained_backbone(student, args.arch, args.student_checkpoint, "--student-checkpoint")
     student.eval()    # as a matching update runs the networks
     student_taps, teacher_taps = FeatureTaps(student), FeatureTaps(teacher)
+    distiller = MGDistiller.from_models(teacher, student)
     images = random_subset(build_dataset(args.dataset, args.data, "train", eval_transform(args.image_size)),
                            args.images, args.seed)
     half = args.images // 2
-    first = summed_costs(student_taps, teacher_taps, torch.utils.data.Subset(images, range(half)), args.batch_size)
-    second = summed_costs(student_taps, teacher_taps, torch.utils.data.Subset(images, range(half, 2 * half)),
-                          args.batch_size)
+    halves = [torch.utils.data.Subset(images, range(half)), torch.utils.data.Subset(images, range(half, 2 * half))]
+    first, second = (summed_costs(distiller, student_taps, teacher_taps, h, args.batch_size) for h in halves)
     with torch.no_grad():
         sizes = [f.shape[-1] for f in student_taps(images[0][0].unsqueeze(0))]
     rows = []

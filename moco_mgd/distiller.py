@@ -172,6 +172,17 @@ class MGDistiller(nn.Module):
             self._costs[i] = cost if self._costs[i] is None else self._costs[i] + cost
         self._num_images += student_feats[0].shape[0]
 
+    def accumulated_costs(self) -> list[torch.Tensor]:
+        """This rank's ``[Cs, Ct]`` float64 cost of every stage, summed over the images
+        accumulated since the last reset (not yet over ranks: :meth:`update_matching` does that).
+
+        For analysis, e.g. solving the matching on two halves of the data and comparing.
+        """
+        if self._num_images == 0:
+            raise RuntimeError("no matching statistics: accumulate() at least one batch "
+                               "(collect_matching_costs) before accumulated_costs()")
+        return [c.clone() for c in self._costs]
+
     @torch.no_grad()
     def set_fixed_matching(self) -> None:
         """Use :func:`~moco_mgd.mgd.fixed_assignment` on every stage instead of solving a matching."""

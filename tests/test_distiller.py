@@ -43,6 +43,25 @@ def test_matching_is_the_balanced_assignment_of_the_summed_costs():
     assert all(0.0 <= r.cost <= 4.0 and r.num_images == 8 for r in reports)
 
 
+def test_accumulated_costs_are_the_summed_channel_costs_and_a_copy():
+    teacher, student, t_taps, s_taps = _pair()
+    distiller = MGDistiller.from_models(teacher, student)
+    batches = _images(8).split(4)
+    collect_matching_costs(distiller, s_taps, t_taps, batches)
+    costs = distiller.accumulated_costs()
+    student.eval()  # as collect_matching_costs ran it
+    with torch.no_grad():
+        feats = [(s_taps(b), t_taps(b)) for b in batches]
+    for i, cost in enumerate(costs):
+        assert cost.dtype == torch.float64
+        assert torch.equal(cost, sum(mgd.channel_cost(s[i], t[i]).double() for s, t in feats))
+    costs[0].zero_()  # the caller's copy: the distiller's own totals stay
+    reports = distiller.update_matching()
+    assert reports[0].cost > 0
+    with pytest.raises(RuntimeError, match="no matching statistics"):
+        distiller.accumulated_costs()  # update_matching() starts a new round
+
+
 def test_sparse_reducer_uses_one_to_one_matching():
     distiller, *_ = _matched(reducer="sm")
     for a, cs in zip(distiller.assignments(), distiller.student_channels):
