@@ -31,6 +31,11 @@ __all__ = ["DEFAULT_STAGE_WEIGHTS", "StageMatching", "MGDistiller", "collect_mat
 DEFAULT_STAGE_WEIGHTS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
+def _no_statistics(method: str) -> RuntimeError:
+    return RuntimeError(f"no matching statistics: accumulate() at least one batch (collect_matching_costs) "
+                        f"before {method}()")
+
+
 @dataclass(frozen=True)
 class StageMatching:
     """What one matching update did at one stage."""
@@ -179,8 +184,7 @@ class MGDistiller(nn.Module):
         For analysis, e.g. solving the matching on two halves of the data and comparing.
         """
         if self._num_images == 0:
-            raise RuntimeError("no matching statistics: accumulate() at least one batch "
-                               "(collect_matching_costs) before accumulated_costs()")
+            raise _no_statistics("accumulated_costs")
         return [c.clone() for c in self._costs]
 
     @torch.no_grad()
@@ -204,8 +208,7 @@ class MGDistiller(nn.Module):
         count = distributed.all_reduce_sum(torch.tensor([float(self._num_images)], device=device))
         num_images = int(count.item())
         if num_images == 0:
-            raise RuntimeError("no matching statistics: accumulate() at least one batch "
-                               "(collect_matching_costs) before update_matching()")
+            raise _no_statistics("update_matching")
         reports = []
         for i, name in enumerate(self.stage_names):
             local = self._costs[i]
