@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from moco_mgd import plots  # noqa: E402
 from moco_mgd.data import FASHION_MNIST_DIR, find_fashion_mnist  # noqa: E402
 from moco_mgd.results import read_result, results_table, run_result, write_result  # noqa: E402
+from supervised_teacher import TEACHER_FILE  # noqa: E402
 
 # Student methods. A "+" combines an MGD variant with embedding losses; an embedding loss
 # alone runs with --no-mgd. Their flags: method_flags().
@@ -42,7 +43,7 @@ MGD_VARIANTS: dict[str, list[str]] = {
 }
 EMBEDDING_METHODS = ("cckd", "disco", "seed")
 METHODS = ("baseline", *MGD_VARIANTS, *EMBEDDING_METHODS, *(f"mgd-amp+{e}" for e in EMBEDDING_METHODS))
-TITLES = {"teacher": "teacher (MoCo-v2 {teacher})", "baseline": "baseline (MoCo-v2 {student})",
+TITLES = {"teacher": "teacher ({teacher_kind} {teacher})", "baseline": "baseline (MoCo-v2 {student})",
           "mgd-amp": "MGD-AMP", "mgd-rd": "MGD-RD", "mgd-sm": "MGD-SM",
           "mgd-amp-nomatch": "MGD-AMP without matching", "cckd": "CCKD", "disco": "DisCo", "seed": "SEED",
           "mgd-amp+cckd": "MGD-AMP + CCKD", "mgd-amp+disco": "MGD-AMP + DisCo", "mgd-amp+seed": "MGD-AMP + SEED",
@@ -116,6 +117,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-j", "--workers", type=int, default=2)
     parser.add_argument("--print-freq", type=int, default=50)
     parser.add_argument("--python", default=sys.executable, help="interpreter of the runs")
+    parser.add_argument("--teacher-kind", default="moco", choices=["moco", "supervised"],
+                        help="moco: a MoCo-v2 teacher trained without labels; supervised: the positive control, "
+                             "trained with labels on the same images (experiments/supervised_teacher.py)")
+    parser.add_argument("--teacher-lr", type=float, default=0.05, help="lr of the supervised teacher")
     parser.add_argument("--teacher-from", default="",
                         help="an earlier experiment's output directory: distil from its finished teacher instead "
                              "of training one (ablations of the students alone)")
@@ -219,19 +224,57 @@ def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path
                 "--knn-freq", str(args.knn_freq or epochs), "--knn-k", str(args.knn_k), "--knn-t", str(args.knn_t),
                 "--output-dir", str(run_dir), *extra]
     pretrain_seconds = run_command(pretrain, run_dir / "stdout.txt")
+    return linear_evaluation(args, data, method, seed, run_dir, arch, epochs, last_checkpoint(run_dir, epochs),
+                             pretrain_seconds)
+
+
+def linear_evaluation(args, data: str, method: str, seed: int, run_dir: Path, arch: str, epochs: int,
+                      weights: Path, pretrain_seconds: float) -> dict:
+    """MoCo's linear protocol on ``weights``, then the run's result (its kNN is already in its log)."""
+    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
+              "-j", str(args.workers), "--seed", str(seed)]
     lincls_dir = run_dir / "lincls"
     lincls_dir.mkdir(exist_ok=True)
     for stale in ("metrics.jsonl", "checkpoint.pth.tar", "model_best.pth.tar"):  # a half-done eval restarts
         (lincls_dir / stale).unlink(missing_ok=True)
-    lincls = [args.python, "main_lincls.py", *common, "-a", arch, "--pretrained", str(last_checkpoint(run_dir, epochs)),
+    lincls = [args.python, "main_lincls.py", *common, "-a", arch, "--pretrained", str(weights),
               "--max-images", str(args.images), "--output-dir", str(lincls_dir), *lincls_flags(args)]
     eval_seconds = run_command(lincls, lincls_dir / "stdout.txt")
     result = run_result(run_dir, lincls_dir, method=method, seed=seed, arch=arch, epochs=epochs,
                         pretrain_seconds=pretrain_seconds, eval_seconds=eval_seconds)
+    if method == "teacher":
+        result["teacher_kind"] = args.teacher_kind
     write_result(run_dir, result)
     print(f"   kNN top-1 {result['knn_top1']:.2f}, linear top-1 {result['linear_top1']:.2f}, "
           f"{pretrain_seconds:.0f} s + {eval_seconds:.0f} s", flush=True)
     return result
+
+
+def train_supervised_teacher(args, data: str, seed: int, run_dir: Path, epochs: int) -> dict:
+    """The positive control: a teacher trained with labels on the students' images, then evaluated as they are."""
+    done = read_result(run_dir)
+    if done is not None:
+        print(f"== supervised teacher: done before ({run_dir / 'result.json'})", flush=True)
+        return done
+    print(f"== supervised teacher -> {run_dir}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
+              "-j", str(args.workers), "--seed", str(seed), "-a", args.teacher_arch, "--max-images", str(args.images)]
+    seconds = run_command([args.python, "experiments/supervised_teacher.py", *common, "--epochs", str(epochs),
+                           "-b", str(args.batch_size), "--lr", str(args.teacher_lr), "-p", str(args.print_freq),
+                           "--output-dir", str(run_dir)], run_dir / "stdout.txt")
+    weights = run_dir / TEACHER_FILE
+    (run_dir / "metrics.jsonl").write_text("".join(  # a kNN of an interrupted evaluation is redone
+        line + "\n" for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"knn"' not in line))
+    run_command([args.python, "-m", "moco_mgd.knn", *common, "--pretrained", str(weights), "-k", str(args.knn_k),
+                 "--temperature", str(args.knn_t), "-b", str(args.batch_size), "--output-dir", str(run_dir)],
+                run_dir / "stdout.txt")
+    return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs, weights, seconds)
+
+
+def teacher_weights(teacher_dir: Path, kind: str, epochs: int) -> Path:
+    """What the students' --teacher-checkpoint is."""
+    return teacher_dir / TEACHER_FILE if kind == "supervised" else last_checkpoint(teacher_dir, epochs)
 
 
 def evaluate_random_init(args, data: str, seed: int, run_dir: Path) -> dict:
@@ -270,8 +313,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--teacher-from {args.teacher_from}: no finished teacher there ({teacher_dir / 'result.json'} "
                          "is missing); run that experiment first, or drop --teacher-from")
     teacher_epochs = read_result(teacher_dir)["epochs"] if args.teacher_from else args.teacher_epochs or args.epochs
+    if args.teacher_from:  # an earlier teacher is of the kind it was trained as
+        args.teacher_kind = read_result(teacher_dir).get("teacher_kind", "moco")
+    if args.teacher_kind == "supervised" and any(m in EMBEDDING_METHODS or "+" in m for m in args.methods):
+        raise SystemExit("the embedding losses distil a MoCo-v2 head's embedding, and a supervised teacher has a "
+                         "classifier there: use --teacher-kind moco for cckd/disco/seed")
     teacher_flags = ["--teacher-arch", args.teacher_arch,
-                     "--teacher-checkpoint", str(last_checkpoint(teacher_dir, teacher_epochs)),
+                     "--teacher-checkpoint", str(teacher_weights(teacher_dir, args.teacher_kind, teacher_epochs)),
                      "--mgd-schedule", args.mgd_schedule, "--mgd-samples", str(args.mgd_samples),
                      "--mgd-loss-factor", str(args.mgd_loss_factor)]
     # (run directory, how to do it): the teacher first, then seed by seed. Only the baseline
@@ -280,8 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     plan = []
     needs_teacher = any(method_flags(m, args) is not None for m in args.methods)
     if needs_teacher or read_result(teacher_dir) is not None:
-        plan.append((teacher_dir, lambda: pretrain_and_evaluate(args, data, "teacher", args.seeds[0], teacher_dir,
-                                                                args.teacher_arch, teacher_epochs, [])))
+        if args.teacher_kind == "supervised":
+            plan.append((teacher_dir, lambda: train_supervised_teacher(args, data, args.seeds[0], teacher_dir,
+                                                                       teacher_epochs)))
+        else:
+            plan.append((teacher_dir, lambda: pretrain_and_evaluate(args, data, "teacher", args.seeds[0], teacher_dir,
+                                                                    args.teacher_arch, teacher_epochs, [])))
     for seed in args.seeds:
         for method in args.methods:
             run_dir = output / f"seed{seed}" / method
@@ -296,13 +348,17 @@ def main(argv: list[str] | None = None) -> None:
         results = [r for r in (read_result(run_dir) for run_dir, _ in plan) if r is not None]
     else:
         results = [run() for _, run in plan]
-    titles = {m: t.format(teacher=args.teacher_arch, student=args.student_arch) for m, t in TITLES.items()}
+    kind = {"moco": "MoCo-v2", "supervised": "supervised"}[args.teacher_kind]
+    titles = {m: t.format(teacher=args.teacher_arch, student=args.student_arch, teacher_kind=kind)
+              for m, t in TITLES.items()}
     table = results_table(results, ["teacher", *args.methods, "random"], titles)
     settings = (f"Fashion-MNIST, {args.images} training images at {args.image_size} px ({args.stem} stem), "
-                f"{args.epochs} pretraining epochs (teacher {teacher_epochs}), -b {args.batch_size} --lr {args.lr:g}, "
+                f"{args.epochs} pretraining epochs ({kind} teacher {teacher_epochs}"
+                f"{f', lr {args.teacher_lr:g}' if args.teacher_kind == 'supervised' else ''}), "
+                f"-b {args.batch_size} --lr {args.lr:g}, "
                 f"--moco-t {args.moco_t} --moco-m {args.moco_m} --shuffle-bn-splits {args.shuffle_bn_splits}, MGD matching "
                 f"{args.mgd_schedule} on "
-                f"{args.mgd_samples} images, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
+                f"{args.mgd_samples} images, MGD loss factor {args.mgd_loss_factor:g}, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
                 f"T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached features) on the "
                 f"10,000 test images")
     if any("+" in m or m in EMBEDDING_METHODS for m in args.methods):

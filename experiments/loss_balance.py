@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
     for i, ((im_q, im_k), _) in enumerate(loader):
         if i == args.batches:
             break
-        logits, labels, q, _ = model(im_q, im_k, return_queries=True)
+        logits, labels, q = model(im_q, im_k)[:3]
         with torch.no_grad():
             teacher_out = teacher(im_q)
         losses = {"InfoNCE": nn.functional.cross_entropy(logits, labels)}

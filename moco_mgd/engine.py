@@ -18,6 +18,7 @@ from moco_mgd import distributed
 from moco_mgd.distiller import MGDistiller, collect_matching_costs
 from moco_mgd.embedding_distiller import EmbeddingDistiller
 from moco_mgd.logs import MetricsLog, format_duration
+from moco_mgd.moco import contrastive_diagnostics
 from moco_mgd.taps import FeatureTaps
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "set_learning_rate",
     "matching_epochs",
     "StepOutput",
+    "diagnostics_text",
     "training_step",
     "train_one_epoch",
     "run_matching_update",
@@ -132,6 +134,7 @@ class StepOutput:
     mgd: torch.Tensor | None = None
     mgd_per_stage: torch.Tensor | None = None
     embedding: dict[str, torch.Tensor] = field(default_factory=dict)
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # see contrastive_diagnostics
 
     def named_losses(self) -> dict[str, torch.Tensor]:
         """The losses added to InfoNCE, by the name they are logged under."""
@@ -161,9 +164,8 @@ def training_step(
     mgd_loss = per_stage = None
     embedding_parts: dict[str, torch.Tensor] = {}
     with torch.autocast(im_q.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        output = model(im_q, im_k, return_queries=True, query_on_key_view=key_view) if embedding else \
-            model(im_q, im_k)
-        logits, labels = output[0], output[1]
+        output = model(im_q, im_k, query_on_key_view=key_view)
+        logits, labels = output.logits, output.labels
         infonce = nn.functional.cross_entropy(logits.float(), labels)
         loss = infonce
         if distill is not None:
@@ -178,11 +180,12 @@ def training_step(
                     with torch.no_grad():
                         teacher_key_view = distill.teacher(im_k)
                     distill.clear_taps()
-                embedding_loss, embedding_parts = distill.embedding(output[2], teacher_out, output[3],
-                                                                    teacher_key_view)
+                embedding_loss, embedding_parts = distill.embedding(output.query, teacher_out,
+                                                                    output.query_key_view, teacher_key_view)
                 loss = loss + embedding_loss
     out = StepOutput(loss.detach(), infonce.detach(), (logits.detach().argmax(1) == labels).float().mean() * 100,
-                     None if mgd_loss is None else mgd_loss.detach(), per_stage, embedding_parts)
+                     None if mgd_loss is None else mgd_loss.detach(), per_stage, embedding_parts,
+                     contrastive_diagnostics(output, getattr(model, "module", model).T))
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
             f"non-finite loss: InfoNCE {float(out.infonce):.4g}"
@@ -199,6 +202,12 @@ def training_step(
         loss.backward()
         optimizer.step()
     return out
+
+
+def diagnostics_text(values: dict[str, float]) -> str:
+    """The contrastive diagnostics in a log line (their meaning: moco.contrastive_diagnostics)."""
+    return (f"cos(q,k+) {values['pos_sim']:.3f} cos(q,queue) {values['neg_sim']:.3f} "
+            f"cos(q,q') {values['query_cos']:.3f} inst-acc {values['inst_acc']:.1f}")
 
 
 def train_one_epoch(
@@ -218,7 +227,8 @@ def train_one_epoch(
 
     Returns:
         Epoch means: ``loss``, ``infonce``, ``mgd`` (+ ``mgd_<stage>``), each embedding loss
-        by name (unweighted), ``acc1``, and ``images_per_s``.
+        by name (unweighted), ``acc1``, the diagnostics of
+        :func:`~moco_mgd.moco.contrastive_diagnostics` and ``images_per_s``.
 
     Raises:
         NonFiniteLossError: naming the epoch and iteration.
@@ -246,6 +256,7 @@ def train_one_epoch(
             step["mgd"] = float(out.mgd)
             step.update({f"mgd_{name}": float(v) for name, v in zip(mgd_core.stage_names, out.mgd_per_stage)})
         step.update({name: float(value) for name, value in out.embedding.items()})
+        step.update({name: float(value) for name, value in out.diagnostics.items()})
         for k, v in step.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
@@ -262,7 +273,8 @@ def train_one_epoch(
             logger.info(
                 f"epoch {epoch} [{i + 1}/{num_batches or '?'}] eta {format_duration(eta) if num_batches else '?'} "
                 f"{images_per_s:.1f} img/s data {data_time / count:.3f}s InfoNCE {step['infonce']:.4f}{extra_text} "
-                f"acc@1 {step['acc1']:.1f} lr {optimizer.param_groups[0]['lr']:.4g}"
+                f"acc@1 {step['acc1']:.1f} lr {optimizer.param_groups[0]['lr']:.4g} "
+                f"{diagnostics_text(step)}"
             )
             if metrics is not None:
                 metrics.log("train", epoch=epoch, iteration=i, images_per_s=images_per_s, **step)

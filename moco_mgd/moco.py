@@ -7,6 +7,8 @@ every collective goes through :mod:`moco_mgd.distributed`, which no-ops at world
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from moco_mgd import distributed
 from moco_mgd.backbone import apply_small_stem, build_resnet
 
-__all__ = ["MoCo", "apply_small_stem", "dequeue_and_enqueue_"]
+__all__ = ["MoCo", "MoCoOutput", "apply_small_stem", "contrastive_diagnostics", "dequeue_and_enqueue_"]
 
 
 def _mlp_head(fc: nn.Linear, hidden_dim: int | None = None) -> nn.Sequential:
@@ -49,11 +51,29 @@ def dequeue_and_enqueue_(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: tor
     queue_ptr[0] = (ptr + batch_size) % size
 
 
+class MoCoOutput(NamedTuple):
+    """What one MoCo forward computed, for the losses and the diagnostics of the step.
+
+    ``logits``: Nx(1+K), already divided by ``T`` (the positive in column 0); ``labels``: N
+    zeros; ``query``: the query encoder's output on ``im_q`` (NxC, before normalisation,
+    with gradient); ``key``: the normalised keys of this rank's images (NxC, no gradient);
+    ``query_key_view``: the query encoder's output on ``im_k`` (with gradient) when asked
+    for, else None.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    query: torch.Tensor
+    key: torch.Tensor
+    query_key_view: torch.Tensor | None = None
+
+
 class MoCo(nn.Module):
     """Momentum Contrast: a query encoder, a momentum key encoder and a queue of negative keys.
 
-    ``forward(im_q, im_k)`` returns the InfoNCE ``(logits, labels)`` of one batch: the
-    positive logit of each query in column 0, then its logits against the ``K`` queued keys.
+    ``forward(im_q, im_k)`` returns a :class:`MoCoOutput`: the InfoNCE logits of one batch
+    (the positive logit of each query in column 0, then its logits against the ``K`` queued
+    keys), their labels, the queries and the keys.
 
     Shuffle BN. A key encoder that sees the same batch as the query encoder lets BatchNorm
     statistics leak which key is the positive ("cheating" through intra-batch communication,
@@ -195,19 +215,13 @@ class MoCo(nn.Module):
         return self._batch_unshuffle_single(k, idx_unshuffle)
 
     # ---- InfoNCE logits -----------------------------------------------------------------
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, return_queries: bool = False,
-                query_on_key_view: bool = False):
-        """Args: two augmented views (NxCxHxW each). Returns ``(logits, labels)``.
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, query_on_key_view: bool = False) -> MoCoOutput:
+        """Args: two augmented views (NxCxHxW each). Returns a :class:`MoCoOutput`.
 
-        ``logits``: Nx(1+K), already divided by ``T``; ``labels``: N zeros (the positive is
-        column 0), for ``nn.CrossEntropyLoss``. Also updates the key encoder and the queue.
-
-        With ``return_queries``, returns ``(logits, labels, q, q_key_view)`` for distillation
-        losses on the student's embedding: ``q`` is the query encoder's output (NxC, before
-        normalisation, with gradient); ``q_key_view`` is the query encoder's output on
-        ``im_k`` when ``query_on_key_view`` (a second forward with gradient, as DisCo's
-        two-view loss needs), else None. Going through this forward (not calling
-        ``encoder_q`` from outside) keeps DDP's gradient synchronisation in charge.
+        Also updates the key encoder and the queue. ``query_on_key_view`` adds a second
+        query-encoder forward with gradient on ``im_k`` (DisCo's two-view loss). Going
+        through this forward (not calling ``encoder_q`` from outside) keeps DDP's gradient
+        synchronisation in charge.
         """
         q_key_view = None
         if query_on_key_view:
@@ -233,6 +247,34 @@ class MoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives: column 0
 
         self._dequeue_and_enqueue(k)
-        if return_queries:
-            return logits, labels, q_raw, q_key_view
-        return logits, labels
+        return MoCoOutput(logits, labels, q_raw, k, q_key_view)
+
+
+@torch.no_grad()
+def contrastive_diagnostics(output: MoCoOutput, T: float) -> dict[str, torch.Tensor]:
+    """Is InfoNCE falling because images are told apart, or because "now" is told from "earlier"?
+
+    The queue's negatives always come from earlier steps, so an embedding whose common
+    direction drifts over time lowers InfoNCE without separating images: the negative
+    similarity falls, the in-batch query cosine rises toward 1 and the in-batch instance
+    accuracy stays at chance. Learning looks the other way round.
+
+    Args:
+        output: one forward's :class:`MoCoOutput`.
+        T: the temperature that divided the logits.
+
+    Returns:
+        0-dim tensors (no host sync): ``pos_sim`` mean cos(q, own key); ``neg_sim`` mean
+        cos(q, queued key); ``query_cos`` mean pairwise cosine of the batch's queries (1: all
+        the same direction); ``inst_acc`` % of queries whose own key is the nearest of the
+        *current* batch's keys (this rank's; chance 100/N).
+    """
+    q = F.normalize(output.query.detach().float(), dim=1)  # q: NxC
+    k = output.key.detach().float()  # k: NxC
+    n = q.shape[0]
+    similarities = output.logits.detach().float() * T  # cosines: Nx(1+K)
+    gram = q @ q.T  # gram: NxN
+    query_cos = (gram.sum() - gram.diagonal().sum()) / max(n * (n - 1), 1)
+    own_key_nearest = (q @ k.T).argmax(dim=1) == torch.arange(n, device=q.device)
+    return {"pos_sim": similarities[:, 0].mean(), "neg_sim": similarities[:, 1:].mean(),
+            "query_cos": query_cos, "inst_acc": own_key_nearest.float().mean() * 100}

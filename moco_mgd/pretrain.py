@@ -19,7 +19,7 @@ from moco_mgd import checkpoint as ckpt
 from moco_mgd.backbone import load_checkpoint_file, load_frozen_teacher, resnet_trunk
 from moco_mgd.data import TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
 from moco_mgd.distiller import MGDistiller
-from moco_mgd.engine import (Distillation, NonFiniteLossError, learning_rate, matching_epochs,
+from moco_mgd.engine import (Distillation, NonFiniteLossError, diagnostics_text, learning_rate, matching_epochs,
                              run_matching_update, set_learning_rate, train_one_epoch)
 from moco_mgd.knn import knn_evaluate
 from moco_mgd.launch import DistEnv, per_process_batch
@@ -177,7 +177,8 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
                 logger.info(f"epoch {epoch} done: InfoNCE {means['infonce']:.4f}"
                             + (f" MGD {means['mgd']:.4f}" if mgd else "")
                             + "".join(f" {name} {means[name]:.4g}" for name in ("cckd", "disco", "seed") if name in means)
-                            + f" acc@1 {means['acc1']:.1f} {means['images_per_s']:.1f} img/s; saved {path}")
+                            + f" acc@1 {means['acc1']:.1f} {diagnostics_text(means)} "
+                            f"{means['images_per_s']:.1f} img/s; saved {path}")
         if env.is_main:
             _write_figures(output_dir, metrics)
     except NonFiniteLossError as exc:

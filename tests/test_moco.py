@@ -86,7 +86,7 @@ def test_logits_labels_and_enqueued_keys():
     model = _moco(T=0.2).eval()  # eval: no BN batch effects, so keys can be recomputed by hand
     im_q, im_k = _images(4, 1), _images(4, 2)
     queue = model.queue.clone()
-    logits, labels = model(im_q, im_k)
+    logits, labels = model(im_q, im_k)[:2]
     assert logits.shape == (4, 1 + K)
     assert labels.shape == (4,) and labels.dtype == torch.long and not labels.any()
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_logits_labels_and_enqueued_keys():
 
 def test_key_encoder_gets_no_gradient():
     model = _moco().train()
-    logits, labels = model(_images(4, 1), _images(4, 2))
+    logits, labels = model(_images(4, 1), _images(4, 2))[:2]
     nn.CrossEntropyLoss()(logits, labels).backward()
     for name, p in model.encoder_k.named_parameters():
         assert p.grad is None and not p.requires_grad, name
@@ -116,7 +116,7 @@ def test_same_seed_gives_bitwise_identical_runs():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         outputs = []
         for step in range(2):
-            logits, labels = model(_images(4, 10 + step), _images(4, 20 + step))
+            logits, labels = model(_images(4, 10 + step), _images(4, 20 + step))[:2]
             optimizer.zero_grad()
             nn.CrossEntropyLoss()(logits, labels).backward()
             optimizer.step()
@@ -161,7 +161,7 @@ def test_queries_on_both_views_leave_the_query_view_in_the_feature_taps():
     model.train()
     taps = FeatureTaps(model.encoder_q)
     im_q, im_k = _images(4, 1), _images(4, 2)
-    logits, labels, q, q_key_view = model(im_q, im_k, return_queries=True, query_on_key_view=True)
+    logits, labels, q, _, q_key_view = model(im_q, im_k, query_on_key_view=True)
     recorded = taps.pop()
     with torch.no_grad():  # train-mode BN uses the batch statistics: the same input gives the same output
         expected_q = model.encoder_q(im_q)
@@ -174,7 +174,7 @@ def test_queries_on_both_views_leave_the_query_view_in_the_feature_taps():
     assert q.requires_grad and q_key_view.requires_grad
     # The InfoNCE positives are the normalised q against the keys.
     assert logits.shape == (4, 1 + K) and labels.tolist() == [0] * 4
-    assert model(im_q, im_k, return_queries=True)[3] is None
+    assert model(im_q, im_k).query_key_view is None
 
 
 def test_small_stem():
@@ -276,7 +276,7 @@ def _distributed_checks(rank: int, world_size: int, out_dir: str) -> None:
     recorded = []
     enqueue = model._dequeue_and_enqueue
     model._dequeue_and_enqueue = lambda keys: (recorded.append(keys.clone()), enqueue(keys))[1]
-    logits, labels = ddp(_images(n, 10 + rank), _images(n, 20 + rank))
+    logits, labels = ddp(_images(n, 10 + rank), _images(n, 20 + rank))[:2]
     nn.CrossEntropyLoss()(logits, labels).backward()
     result.update(keys=recorded[0], queue=model.queue.clone(), queue_ptr=int(model.queue_ptr),
                   grads={name: p.grad.clone() for name, p in model.encoder_q.named_parameters()},
@@ -321,3 +321,45 @@ def test_two_process_shuffle_bn_queue_and_ddp_gradients(tmp_path):
 
     for r in (r0, r1):
         torch.testing.assert_close(r["keys_eval"], r["keys_expected"], rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_diagnostics_tell_a_collapsed_embedding_from_a_spread_one():
+    from moco_mgd.moco import MoCoOutput, contrastive_diagnostics
+
+    T, n = 0.2, 4
+    keys = torch.eye(n, 8)                        # orthogonal, normalised
+
+    def output(queries, queue):
+        q = nn.functional.normalize(queries, dim=1)
+        logits = torch.cat([(q * keys).sum(1, keepdim=True), q @ queue], dim=1) / T
+        return MoCoOutput(logits, torch.zeros(n, dtype=torch.long), queries, keys)
+
+    spread = contrastive_diagnostics(output(3.0 * keys, torch.zeros(8, 6)), T)
+    torch.testing.assert_close(spread["pos_sim"], torch.tensor(1.0))
+    torch.testing.assert_close(spread["neg_sim"], torch.tensor(0.0))
+    torch.testing.assert_close(spread["query_cos"], torch.tensor(0.0))
+    torch.testing.assert_close(spread["inst_acc"], torch.tensor(100.0))
+
+    # Every query points the same way (the collapse): cosine 1 within the batch, and only the
+    # first query's own key is its nearest (argmax picks the first of equal scores).
+    same = torch.zeros(n, 8)
+    same[:, 0] = 1.0
+    queue = -nn.functional.normalize(torch.ones(8, 6), dim=0)
+    collapsed = contrastive_diagnostics(output(same, queue), T)
+    torch.testing.assert_close(collapsed["query_cos"], torch.tensor(1.0))
+    torch.testing.assert_close(collapsed["inst_acc"], torch.tensor(25.0))
+    torch.testing.assert_close(collapsed["pos_sim"], torch.tensor(0.25))
+    torch.testing.assert_close(collapsed["neg_sim"], torch.tensor(-8 ** -0.5))
+
+
+def test_diagnostics_of_a_real_forward_match_the_cosines():
+    from moco_mgd.moco import contrastive_diagnostics
+
+    model = _moco(mlp=True)
+    model.train()
+    out = model(_images(4, 1), _images(4, 2))
+    q = nn.functional.normalize(out.query.detach(), dim=1)
+    d = contrastive_diagnostics(out, model.T)
+    torch.testing.assert_close(d["pos_sim"], (q * out.key).sum(1).mean())
+    assert out.key.shape == (4, DIM) and not out.key.requires_grad
+    torch.testing.assert_close(out.key.norm(dim=1), torch.ones(4))

@@ -73,6 +73,14 @@ def test_logs_and_metrics_are_written(mgd_run):
     assert {"train", "epoch", "matching"} <= kinds
     train = [r for r in records if r["kind"] == "train"][0]
     assert {"infonce", "mgd", "mgd_layer1", "mgd_layer4", "acc1", "images_per_s"} <= train.keys()
+    # The contrastive diagnostics, every -p iterations and as epoch means, and in the log lines.
+    diagnostics = {"pos_sim", "neg_sim", "query_cos", "inst_acc"}
+    for record in [r for r in records if r["kind"] in ("train", "epoch")]:
+        assert diagnostics <= record.keys()
+        assert all(-1 - 1e-5 <= record[k] <= 1 + 1e-5 for k in ("pos_sim", "neg_sim", "query_cos"))
+        assert 0 <= record["inst_acc"] <= 100
+    log = (mgd_run / "log.txt").read_text()
+    assert "cos(q,k+)" in log and "cos(q,queue)" in log and "cos(q,q')" in log and "inst-acc" in log
     knn = [r for r in records if r["kind"] == "knn"]
     assert [r["epoch"] for r in knn] == [1, 2] and all(0 <= r["top1"] <= 100 for r in knn)
     assert len([r for r in records if r["kind"] == "knn_teacher"]) == 1
