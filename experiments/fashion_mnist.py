@@ -120,7 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-kind", default="moco", choices=["moco", "supervised"],
                         help="moco: a MoCo-v2 teacher trained without labels; supervised: the positive control, "
                              "trained with labels on the same images (experiments/supervised_teacher.py)")
-    parser.add_argument("--teacher-lr", type=float, default=0.05, help="lr of the supervised teacher")
+    parser.add_argument("--teacher-lr", type=float, default=2e-3, help="AdamW lr of the supervised teacher")
     parser.add_argument("--teacher-from", default="",
                         help="an earlier experiment's output directory: distil from its finished teacher instead "
                              "of training one (ablations of the students alone)")
