@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moco_mgd.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
+
 __all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
            "add_launch_arguments", "config_from_args", "run_main", "per_process_batch"]
 
@@ -155,14 +157,20 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, config_cla
              check: Callable, worker: Callable, program: str) -> None:
     """What an entry script does: parse, check everything, then start the processes.
 
-    ``check(config, world_size, local_world_size)`` raises ValueError / FileNotFoundError /
-    PermissionError for bad input; those end the program with exit code 2 and the message,
-    before any process starts.
+    The launch flags' ranges are checked here, everything else by ``check(config, world_size,
+    local_world_size)``; both raise ValueError / FileNotFoundError / PermissionError for bad input,
+    which ends the program with exit code 2 and the message, before any process starts.
     """
     args = parser.parse_args(argv)
     config = config_from_args(config_class, args)
     nodes, node_rank = max(args.world_size, 1), max(args.rank, 0)
     try:
+        check_numbers([
+            ("--world-size", args.world_size, lambda v: v == -1 or v >= 1, "-1 (one node) or >= 1"),
+            ("--rank", args.rank, lambda v: -1 <= v < nodes,
+             f"-1 or in [0, {nodes}) (--world-size {args.world_size})"),
+            ("--gpu", args.gpu, *NON_NEGATIVE), ("--nproc-per-node", args.nproc_per_node, *AT_LEAST_1),
+        ])
         world, local = process_counts(nodes, args.multiprocessing_distributed, args.nproc_per_node)
         check(config, world, local)
     except (ValueError, FileNotFoundError, PermissionError) as exc:

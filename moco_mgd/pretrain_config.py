@@ -17,6 +17,8 @@ from moco_mgd.data import build_dataset, check_same_classes
 from moco_mgd.distiller import MGDistiller
 from moco_mgd.embedding_distiller import EmbeddingDistiller
 from moco_mgd.engine import matching_epochs
+from moco_mgd.flag_checks import (AT_LEAST_1, EPOCH_LIST, IN_0_1, IN_0_1_OPEN, NON_NEGATIVE, POSITIVE, SEED,
+                                  check_numbers)
 from moco_mgd.launch import per_process_batch
 from moco_mgd.moco import MoCo
 
@@ -113,6 +115,28 @@ def build_embedding_distiller(config: PretrainConfig, teacher: nn.Module) -> Emb
 
 def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> None:
     """Refuse a run that cannot work, before anything starts. Raises with the fix in the message."""
+    c = config
+    check_numbers([
+        ("-j/--workers", c.workers, *NON_NEGATIVE), ("--epochs", c.epochs, *AT_LEAST_1),
+        ("--start-epoch", c.start_epoch, lambda v: 0 <= v < c.epochs, f">= 0 and < --epochs ({c.epochs})"),
+        ("-b/--batch-size", c.batch_size, *AT_LEAST_1), ("--lr", c.lr, *POSITIVE),
+        ("--schedule", c.schedule, *EPOCH_LIST), ("--momentum", c.momentum, *IN_0_1_OPEN),
+        ("--wd/--weight-decay", c.weight_decay, *NON_NEGATIVE), ("-p/--print-freq", c.print_freq, *NON_NEGATIVE),
+        ("--seed", c.seed, *SEED), ("--moco-dim", c.moco_dim, *AT_LEAST_1), ("--moco-k", c.moco_k, *AT_LEAST_1),
+        ("--moco-m", c.moco_m, *IN_0_1), ("--moco-t", c.moco_t, *POSITIVE),
+        ("--mgd-loss-factor", c.mgd_loss_factor, *POSITIVE), ("--mgd-samples", c.mgd_samples, *AT_LEAST_1),
+        ("--cckd-weight", c.cckd_weight, *NON_NEGATIVE), ("--cckd-gamma", c.cckd_gamma, *POSITIVE),
+        ("--cckd-order", c.cckd_order, *NON_NEGATIVE), ("--disco-weight", c.disco_weight, *NON_NEGATIVE),
+        ("--mlp-hidden-dim", c.mlp_hidden_dim, NON_NEGATIVE[0], ">= 0 (0: MoCo's width)"),
+        ("--seed-weight", c.seed_weight, *NON_NEGATIVE), ("--seed-queue", c.seed_queue, *AT_LEAST_1),
+        ("--seed-t", c.seed_t, *POSITIVE), ("--seed-teacher-t", c.seed_teacher_t, *POSITIVE),
+        ("--image-size", c.image_size, *AT_LEAST_1), ("--shuffle-bn-splits", c.shuffle_bn_splits, *AT_LEAST_1),
+        ("--keep-checkpoints", c.keep_checkpoints, NON_NEGATIVE[0], ">= 0 (0: all)"),
+        ("--max-skipped-images", c.max_skipped_images, *NON_NEGATIVE),
+        ("--max-images", c.max_images, NON_NEGATIVE[0], ">= 0 (0: all images)"),
+        ("--knn-freq", c.knn_freq, NON_NEGATIVE[0], ">= 0 (0: off)"), ("--knn-k", c.knn_k, *AT_LEAST_1),
+        ("--knn-t", c.knn_t, *POSITIVE),
+    ])
     if local_world_size > config.batch_size:
         raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
                          f"of a node: each process needs at least one image")
@@ -124,21 +148,14 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
     if config.mgd_reducer not in ("amp", "rd", "sm", "max", "avg"):
         raise ValueError(f"unknown --mgd-reducer {config.mgd_reducer!r}: choose amp, rd, sm, max or avg")
     matching_epochs(config.mgd_schedule, config.epochs)
-    if config.max_images < 0:
-        raise ValueError(f"--max-images {config.max_images}: pass a positive number, or 0 for all images")
     if config.use_embedding_losses and not config.teacher_checkpoint:
         raise ValueError("--cckd-weight / --disco-weight / --seed-weight distil from a teacher: pass "
                          "--teacher-checkpoint (add --no-mgd to use the embedding losses without MGD)")
     if config.mlp_hidden_dim and not config.mlp:
         raise ValueError(f"--mlp-hidden-dim {config.mlp_hidden_dim} widens the MoCo-v2 MLP head: add --mlp")
-    if config.mlp_hidden_dim < 0:
-        raise ValueError(f"--mlp-hidden-dim {config.mlp_hidden_dim}: pass a positive width, or 0 for MoCo's")
     if config.seed_weight > 0 and config.seed_queue % global_batch:
         raise ValueError(f"--seed-queue {config.seed_queue} is not divisible by the global batch size {global_batch}: "
                          f"SEED's queue is filled in whole batches; choose a multiple of {global_batch}")
-    if config.use_mgd and config.mgd_samples < 1:
-        raise ValueError(f"--mgd-samples {config.mgd_samples}: the matching needs at least one image "
-                         f"(the authors use 20000)")
     train_set = build_dataset(config.dataset, config.data, "train")
     if config.knn_freq:
         check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))

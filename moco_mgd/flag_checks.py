@@ -1,0 +1,44 @@
+"""Range checks of the numeric command-line flags, one table per entry script.
+
+Each entry script's check (:func:`moco_mgd.pretrain_config.validate`, :func:`moco_mgd.lincls.check_config`,
+and :func:`moco_mgd.launch.run_main` for the launch flags) lists its flags as
+``(flag, value, condition, what is allowed)`` rows and hands them to :func:`check_numbers`, which
+runs before any process starts or any file is written.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["check_numbers", "POSITIVE", "AT_LEAST_1", "NON_NEGATIVE", "IN_0_1", "IN_0_1_OPEN", "SEED",
+           "EPOCH_LIST"]
+
+Rule = tuple[str, Any, Callable[[Any], bool], str]
+
+# (condition, what is allowed): the allowed part of the message, "FLAG VALUE: must be ...".
+POSITIVE = (lambda v: v > 0, "positive")
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+IN_0_1 = (lambda v: 0 <= v <= 1, "in [0, 1]")
+IN_0_1_OPEN = (lambda v: 0 <= v < 1, "in [0, 1)")
+SEED = (lambda v: 0 <= v < 2 ** 32, "in [0, 4294967295] (numpy's seeds)")
+EPOCH_LIST = (lambda v: all(e >= 0 for e in v), "epochs >= 0")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_numbers(rules: Iterable[Rule]) -> None:
+    """Raise ValueError naming the first flag whose value breaks its rule (``None``: flag not given, skipped).
+
+    A float must also be finite (argparse's ``float`` accepts ``nan`` and ``inf``).
+    """
+    for flag, value, ok, allowed in rules:
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag} {value}: must be finite and {allowed}")
+        if not ok(value):
+            raise ValueError(f"{flag} {_shown(value)}: must be {allowed}")
