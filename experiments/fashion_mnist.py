@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from moco_mgd import plots  # noqa: E402
 from moco_mgd.data import FASHION_MNIST_DIR, find_fashion_mnist  # noqa: E402
-from moco_mgd.results import read_result, results_table, run_result, write_result  # noqa: E402
+from moco_mgd.results import read_result, results_table, run_result, summary_line, write_result  # noqa: E402
 from supervised_teacher import TEACHER_FILE  # noqa: E402
 
 # Student methods. A "+" combines an MGD variant with embedding losses; an embedding loss
@@ -117,9 +117,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-j", "--workers", type=int, default=2)
     parser.add_argument("--print-freq", type=int, default=50)
     parser.add_argument("--python", default=sys.executable, help="interpreter of the runs")
-    parser.add_argument("--teacher-kind", default="moco", choices=["moco", "supervised"],
+    parser.add_argument("--teacher-kind", default=None, choices=["moco", "supervised"],
                         help="moco: a MoCo-v2 teacher trained without labels; supervised: the positive control, "
-                             "trained with labels on the same images (experiments/supervised_teacher.py)")
+                             "trained with labels on the same images (experiments/supervised_teacher.py). Default: "
+                             "the kind of the teacher already in the output directory (or --teacher-from), else moco")
     parser.add_argument("--teacher-lr", type=float, default=2e-3, help="AdamW lr of the supervised teacher")
     parser.add_argument("--teacher-from", default="",
                         help="an earlier experiment's output directory: distil from its finished teacher instead "
@@ -313,8 +314,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--teacher-from {args.teacher_from}: no finished teacher there ({teacher_dir / 'result.json'} "
                          "is missing); run that experiment first, or drop --teacher-from")
     teacher_epochs = read_result(teacher_dir)["epochs"] if args.teacher_from else args.teacher_epochs or args.epochs
-    if args.teacher_from:  # an earlier teacher is of the kind it was trained as
-        args.teacher_kind = read_result(teacher_dir).get("teacher_kind", "moco")
+    trained = read_result(teacher_dir)
+    if trained is not None:  # a teacher already trained is of the kind it was trained as
+        kind = trained.get("teacher_kind", "moco")
+        if args.teacher_kind not in (None, kind):
+            raise SystemExit(f"--teacher-kind {args.teacher_kind}: the teacher in {teacher_dir} is {kind}; drop the "
+                             "flag, or use another --output-dir")
+        args.teacher_kind = kind
+    args.teacher_kind = args.teacher_kind or "moco"
     if args.teacher_kind == "supervised" and any(m in EMBEDDING_METHODS or "+" in m for m in args.methods):
         raise SystemExit("the embedding losses distil a MoCo-v2 head's embedding, and a supervised teacher has a "
                          "classifier there: use --teacher-kind moco for cckd/disco/seed")
@@ -366,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"weight {args.disco_weight} ({'both views' if args.disco_both_views else 'query view'}"
                      f"{f', MLP hidden {args.disco_hidden_dim}' if args.disco_hidden_dim else ''}), SEED weight "
                      f"{args.seed_weight} (queue {args.seed_queue or args.moco_k}, T 0.2 / 1e-4)")
-    (output / "results.md").write_text(settings + "\n\n" + table)
+    student = next((m for m in args.methods if m != "baseline"), "baseline")
+    summary = summary_line(results, student, {**titles, "teacher": f"{kind} {args.teacher_arch} teacher"})
+    (output / "results.md").write_text(settings + "\n\n" + table + "\n" + summary + "\n")
     (output / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
     figure_run, baseline_run = (output / f"seed{args.seeds[0]}" / method for method in ("mgd-amp", "baseline"))
     if (figure_run / "metrics.jsonl").is_file():
@@ -374,8 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         random_run = output / f"seed{args.seeds[0]}" / "random"
         references = {"random init": random_run} if (random_run / "metrics.jsonl").is_file() else {}
         plots.write_run_figures(figure_run, output / "figures", label="MGD-AMP", compare=compare, references=references)
-    print(f"\n{settings}\n\n{table}\nwritten to {output / 'results.md'} in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    print(f"\n{settings}\n\n{table}\n{summary}\nwritten to {output / 'results.md'} in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from moco_mgd.logs import read_metrics
 
 __all__ = ["RESULT_FILE", "last_record", "run_result", "write_result", "read_result", "summarize",
-           "paired_differences", "results_table"]
+           "paired_differences", "results_table", "summary_line"]
 
 RESULT_FILE = "result.json"
 # (key in a result, column title, digits): the columns of the results table.
@@ -118,3 +118,36 @@ def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Ma
         cells += [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS[2:]]
         lines.append(f"| {titles.get(method, method)} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, str], teacher: str = "teacher",
+                 reference: str = "baseline", floor: str = "random") -> str:
+    """One sentence a newcomer reads first: is the teacher better, and did ``student`` beat the baseline?
+
+    kNN top-1 (means over seeds), and the student's paired differences against the baseline.
+    Rows that have no result are left out of the sentence.
+    """
+    results = list(results)
+
+    def mean(method: str, key: str = "knn_top1") -> float | None:
+        values = [r[key] for r in results if r["method"] == method]
+        return summarize(values)[0] if values else None
+
+    parts = []
+    teacher_knn, baseline_knn, floor_knn = mean(teacher), mean(reference), mean(floor)
+    if teacher_knn is not None and baseline_knn is not None:
+        verdict = "better" if teacher_knn > baseline_knn else "WORSE"
+        parts.append(f"the {titles.get(teacher, teacher)} is {verdict} than the baseline student "
+                     f"(kNN {teacher_knn:.2f} vs {baseline_knn:.2f})")
+    knn = paired_differences(results, student, "knn_top1", reference)
+    linear = paired_differences(results, student, "linear_top1", reference)
+    if knn:
+        seeds = len(knn)
+        gain = summarize(knn)[0]
+        verdict = "beats" if gain > 0 and summarize(linear)[0] > 0 else "does not beat"
+        parts.append(f"{titles.get(student, student)} {verdict} it: {summarize(knn)[0]:+.2f} kNN, "
+                     f"{summarize(linear)[0]:+.2f} linear top-1 against the baseline of the same seed "
+                     f"({seeds} seed{'s' if seeds > 1 else ''})")
+    if floor_knn is not None:
+        parts.append(f"random weights, the floor: kNN {floor_knn:.2f}")
+    return ("In short: " + "; ".join(parts) + ".") if parts else "In short: no finished run to compare."

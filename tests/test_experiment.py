@@ -38,8 +38,17 @@ def _run(command, **env):
 def demo(fashion_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     stdout = _run(["bash", "scripts/demo_fashion_mnist.sh", str(out), "--data", str(fashion_dir), *TINY],
-                  EPOCHS="1", IMAGES="64")
+                  EPOCHS="1", TEACHER_EPOCHS="1", IMAGES="64")
     return out, stdout
+
+
+@pytest.fixture(scope="module")
+def moco_teacher(fashion_dir, tmp_path_factory):
+    """An experiment whose teacher is MoCo-v2 (the default kind): it has the head the embedding losses read."""
+    out = tmp_path_factory.mktemp("moco_teacher")
+    _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(out), "--data", str(fashion_dir),
+          "--methods", "mgd-amp", "--seeds", "0", "--epochs", "1", "--images", "64", "--no-random-init", *TINY])
+    return out
 
 
 def _table_rows(text):
@@ -51,16 +60,22 @@ def test_demo_trains_three_networks_and_prints_the_table(demo):
     for run in ("teacher", "seed0/baseline", "seed0/mgd-amp"):
         assert (out / run / "checkpoint_0000.pth.tar").is_file(), run
         assert (out / run / "lincls" / "checkpoint.pth.tar").is_file(), run
-    # The student was distilled from this teacher, not from another one.
+    assert (out / "teacher" / "teacher.pth").is_file()       # the supervised teacher, torchvision layout
+    assert json.loads((out / "teacher/result.json").read_text())["teacher_kind"] == "supervised"
+    # The student was distilled from this teacher, not from another one, with the demo's loss factor.
     config = json.loads((out / "seed0/mgd-amp/result.json").read_text())
     assert config["arch"] == "resnet18" and config["epochs"] == 1
     mgd_command = next(line for line in stdout.splitlines() if "--output-dir " + str(out / "seed0/mgd-amp") in line)
-    assert "--teacher-checkpoint " + str(out / "teacher" / "checkpoint_0000.pth.tar") in mgd_command
+    assert "--teacher-checkpoint " + str(out / "teacher" / "teacher.pth") in mgd_command
+    assert "--mgd-loss-factor 100.0" in mgd_command
     table = (out / "results.md").read_text()
-    assert table.split("\n\n")[-1] in stdout  # the table printed is the table written
+    assert table.split("\n\n", 1)[-1] in stdout  # the table and summary printed are those written
+    summary = [line for line in stdout.splitlines() if line.startswith("In short: ")]
+    assert len(summary) == 1 and "supervised resnet50 teacher is" in summary[0] and "MGD-AMP" in summary[0]
     rows = _table_rows(table)
-    assert [row.split(" | ")[0] for row in rows] == ["| teacher (MoCo-v2 resnet50)", "| baseline (MoCo-v2 resnet18)",
-                                                   "| MGD-AMP", "| random init resnet18"]
+    assert [row.split(" | ")[0] for row in rows] == ["| teacher (supervised resnet50)",
+                                                   "| baseline (MoCo-v2 resnet18)", "| MGD-AMP",
+                                                   "| random init resnet18"]
     header = next(line for line in table.splitlines() if line.startswith("| method")).strip("| ").split(" | ")
     for row in rows:
         cells = dict(zip(header, row.strip("| ").split(" | ")))
@@ -85,7 +100,9 @@ def test_experiment_resumes_and_adds_seeds_and_methods(demo, fashion_dir):
     stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(out), "--data", str(fashion_dir),
                    "--methods", "baseline", "mgd-amp-nomatch", "--seeds", "0", "1", "--epochs", "1", "--images", "64",
                    "--print-freq", "20", *TINY])
-    assert "teacher seed 0: done before" in stdout and "baseline seed 0: done before" in stdout
+    # No --teacher-kind: the teacher already there (supervised) is the one used, not trained again.
+    assert "supervised teacher: done before" in stdout and "baseline seed 0: done before" in stdout
+    assert "--teacher-checkpoint " + str(out / "teacher" / "teacher.pth") in stdout
     assert (out / "teacher" / "log.txt").read_text() == teacher_log   # not trained again
     rows = {row.split(" | ")[0]: row for row in _table_rows((out / "results.md").read_text())}
     assert "| MGD-AMP" not in rows                                     # not asked for this time
@@ -99,16 +116,20 @@ def test_students_of_an_earlier_experiments_teacher(demo, fashion_dir, tmp_path)
     stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path), "--data",
                    str(fashion_dir), "--teacher-from", str(out), "--methods", "mgd-amp", "--seeds", "0",
                    "--epochs", "1", "--images", "64", "--mgd-loss-factor", "1000", "--no-random-init", *TINY])
-    assert "teacher seed 0: done before" in stdout and not (tmp_path / "teacher").exists()
+    assert "supervised teacher: done before" in stdout and not (tmp_path / "teacher").exists()
     command = next(line for line in stdout.splitlines() if "--output-dir " + str(tmp_path / "seed0/mgd-amp") in line)
-    assert "--teacher-checkpoint " + str(out / "teacher" / "checkpoint_0000.pth.tar") in command
+    assert "--teacher-checkpoint " + str(out / "teacher" / "teacher.pth") in command
     assert "--mgd-loss-factor 1000.0" in command
     table = (tmp_path / "results.md").read_text()
-    assert "| teacher (MoCo-v2 resnet50) | 0 |" in table and "random init" not in table
+    assert "| teacher (supervised resnet50) | 0 |" in table and "random init" not in table
+    refused = subprocess.run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(out), "--data",
+                              str(fashion_dir), "--teacher-kind", "moco", "--methods", "mgd-amp", *TINY],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "the teacher in" in refused.stderr and "is supervised" in refused.stderr
 
 
-def test_embedding_losses_alone_and_with_mgd(demo, fashion_dir, tmp_path):
-    out, _ = demo
+def test_embedding_losses_alone_and_with_mgd(moco_teacher, fashion_dir, tmp_path):
+    out = moco_teacher
     stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path), "--data",
                    str(fashion_dir), "--teacher-from", str(out), "--methods", "seed", "mgd-amp+cckd", "mgd-amp+disco",
                    "--seeds", "0", "--epochs", "1", "--images", "64", "--no-random-init", "--disco-weight", "4",
@@ -137,11 +158,11 @@ def test_baselines_alone_train_no_teacher(fashion_dir, tmp_path):
     assert "--lr 0.001875" in stdout                       # MoCo's 0.03 per 256 images, at -b 16
 
 
-def test_loss_balance_measures_every_loss_against_infonce(demo, fashion_dir, capsys):
+def test_loss_balance_measures_every_loss_against_infonce(moco_teacher, fashion_dir, capsys):
     sys.path.insert(0, str(REPO / "experiments"))
     import loss_balance
 
-    out, _ = demo
+    out = moco_teacher
     means = loss_balance.main([str(fashion_dir), "--dataset", "fashion-mnist", "--image-size", "32", "-b", "8",
                                "--batches", "2", "--mgd-samples", "16", "--moco-k", "64", "--mgd-loss-factor", "100",
                                "--teacher-checkpoint", str(out / "teacher" / "checkpoint_0000.pth.tar")])
@@ -153,11 +174,11 @@ def test_loss_balance_measures_every_loss_against_infonce(demo, fashion_dir, cap
     assert "| InfoNCE |" in printed and printed.count("weighted share of MGD") == 4
 
 
-def test_matching_reliability_compares_two_halves(demo, fashion_dir):
+def test_matching_reliability_compares_two_halves(moco_teacher, fashion_dir):
     sys.path.insert(0, str(REPO / "experiments"))
     import matching_reliability
 
-    out, _ = demo
+    out = moco_teacher
     rows = matching_reliability.main([str(fashion_dir), "--dataset", "fashion-mnist", "--image-size", "32",
                                       "--images", "32", "-b", "16", "--teacher-checkpoint",
                                       str(out / "teacher" / "checkpoint_0000.pth.tar")])
@@ -179,4 +200,5 @@ def test_bad_arguments_fail_before_any_run(fashion_dir, tmp_path):
     assert "repeats a seed" in fails("--seeds", "1", "1")
     assert "train-images-idx3-ubyte" in fails("--data", str(tmp_path))
     assert "no finished teacher there" in fails("--teacher-from", str(tmp_path))
+    assert "use --teacher-kind moco for cckd/disco/seed" in fails("--teacher-kind", "supervised", "--methods", "disco")
     assert not (tmp_path / "o" / "teacher").exists()

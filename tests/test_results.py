@@ -81,3 +81,23 @@ def test_paired_differences_against_the_baseline_of_the_same_seed():
     assert rows["| mgd-amp"][2:6] == ["73.00 ± 2.29", "81.17 ± 0.76", "+1.00 ± 0.50", "+0.17 ± 0.29"]
     assert rows["| teacher"][4:6] == ["-5.00", "-10.00"]          # its one seed against baseline seed 0
     assert rows["| base"][4:6] == ["", ""]
+
+
+def test_summary_line_says_whether_the_teacher_is_better_and_the_student_wins():
+    from moco_mgd.results import summary_line
+
+    def r(method, seed, knn, linear):
+        return {"method": method, "seed": seed, "knn_top1": knn, "linear_top1": linear}
+
+    results = [r("teacher", 0, 85.0, 86.0), r("baseline", 0, 70.0, 72.0), r("baseline", 1, 72.0, 73.0),
+               r("mgd-amp", 0, 73.0, 74.0), r("mgd-amp", 1, 74.0, 73.5), r("random", 0, 74.5, 76.0)]
+    titles = {"teacher": "supervised resnet50 teacher", "mgd-amp": "MGD-AMP"}
+    line = summary_line(results, "mgd-amp", titles)
+    assert line == ("In short: the supervised resnet50 teacher is better than the baseline student (kNN 85.00 vs "
+                    "71.00); MGD-AMP beats it: +2.50 kNN, +1.25 linear top-1 against the baseline of the same seed "
+                    "(2 seeds); random weights, the floor: kNN 74.50.")
+    worse = summary_line([r("teacher", 0, 60.0, 60.0), r("baseline", 0, 70.0, 72.0), r("mgd-amp", 0, 69.0, 73.0)],
+                         "mgd-amp", titles)
+    assert "is WORSE than the baseline" in worse and "MGD-AMP does not beat it: -1.00 kNN, +1.00 linear" in worse
+    assert "(1 seed)" in worse and "floor" not in worse
+    assert summary_line([], "mgd-amp", titles) == "In short: no finished run to compare."
