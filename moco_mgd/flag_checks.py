@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["check_numbers", "POSITIVE", "AT_LEAST_1", "NON_NEGATIVE", "IN_0_1", "IN_0_1_OPEN", "SEED",
+__all__ = ["check_numbers", "training_rules", "POSITIVE", "AT_LEAST_1", "NON_NEGATIVE", "IN_0_1", "IN_0_1_OPEN", "SEED",
            "EPOCH_LIST"]
 
 Rule = tuple[str, Any, Callable[[Any], bool], str]
@@ -42,3 +42,17 @@ def check_numbers(rules: Iterable[Rule]) -> None:
             raise ValueError(f"{flag} {value}: must be finite and {allowed}")
         if not ok(value):
             raise ValueError(f"{flag} {_shown(value)}: must be {allowed}")
+
+
+def training_rules(c: Any) -> list[Rule]:
+    """The rows of the flags both entry scripts share (MoCo's SGD, schedule and loader flags);
+    ``c`` is either script's configuration."""
+    return [
+        ("-j/--workers", c.workers, *NON_NEGATIVE), ("--epochs", c.epochs, *AT_LEAST_1),
+        ("--start-epoch", c.start_epoch, lambda v: 0 <= v < c.epochs, f">= 0 and < --epochs ({c.epochs})"),
+        ("-b/--batch-size", c.batch_size, *AT_LEAST_1), ("--lr", c.lr, *POSITIVE),
+        ("--schedule", c.schedule, *EPOCH_LIST), ("--momentum", c.momentum, *IN_0_1_OPEN),
+        ("--wd/--weight-decay", c.weight_decay, *NON_NEGATIVE), ("-p/--print-freq", c.print_freq, *NON_NEGATIVE),
+        ("--seed", c.seed, *SEED), ("--image-size", c.image_size, *AT_LEAST_1),
+        ("--max-images", c.max_images, NON_NEGATIVE[0], ">= 0 (0: all images)"),
+    ]

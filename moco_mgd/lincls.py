@@ -31,7 +31,7 @@ from moco_mgd.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_sam
                            random_subset)
 from moco_mgd.engine import learning_rate, set_learning_rate
 from moco_mgd.features import extract_features
-from moco_mgd.flag_checks import AT_LEAST_1, EPOCH_LIST, IN_0_1_OPEN, NON_NEGATIVE, POSITIVE, SEED, check_numbers
+from moco_mgd.flag_checks import check_numbers, training_rules
 from moco_mgd.launch import DistEnv, per_process_batch
 from moco_mgd.logs import MetricsLog, setup_logging
 
@@ -209,15 +209,7 @@ def _load_resume(path: str, arch: str, model: nn.Module) -> Mapping:
 def check_config(config: LinclsConfig, world_size: int, local_world_size: int) -> None:
     """Refuse a run that cannot work, before anything starts. Raises with the fix in the message."""
     c = config
-    check_numbers([
-        ("-j/--workers", c.workers, *NON_NEGATIVE), ("--epochs", c.epochs, *AT_LEAST_1),
-        ("--start-epoch", c.start_epoch, lambda v: 0 <= v < c.epochs, f">= 0 and < --epochs ({c.epochs})"),
-        ("-b/--batch-size", c.batch_size, *AT_LEAST_1), ("--lr", c.lr, *POSITIVE),
-        ("--schedule", c.schedule, *EPOCH_LIST), ("--momentum", c.momentum, *IN_0_1_OPEN),
-        ("--wd/--weight-decay", c.weight_decay, *NON_NEGATIVE), ("-p/--print-freq", c.print_freq, *NON_NEGATIVE),
-        ("--seed", c.seed, *SEED), ("--image-size", c.image_size, *AT_LEAST_1),
-        ("--max-images", c.max_images, NON_NEGATIVE[0], ">= 0 (0: all images)"),
-    ])
+    check_numbers(training_rules(c))
     if local_world_size > config.batch_size:
         raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
                          f"of a node: each process needs at least one image")

@@ -17,8 +17,7 @@ from moco_mgd.data import build_dataset, check_same_classes
 from moco_mgd.distiller import MGDistiller
 from moco_mgd.embedding_distiller import EmbeddingDistiller
 from moco_mgd.engine import matching_epochs
-from moco_mgd.flag_checks import (AT_LEAST_1, EPOCH_LIST, IN_0_1, IN_0_1_OPEN, NON_NEGATIVE, POSITIVE, SEED,
-                                  check_numbers)
+from moco_mgd.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.launch import per_process_batch
 from moco_mgd.moco import MoCo
 
@@ -116,13 +115,8 @@ def build_embedding_distiller(config: PretrainConfig, teacher: nn.Module) -> Emb
 def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> None:
     """Refuse a run that cannot work, before anything starts. Raises with the fix in the message."""
     c = config
-    check_numbers([
-        ("-j/--workers", c.workers, *NON_NEGATIVE), ("--epochs", c.epochs, *AT_LEAST_1),
-        ("--start-epoch", c.start_epoch, lambda v: 0 <= v < c.epochs, f">= 0 and < --epochs ({c.epochs})"),
-        ("-b/--batch-size", c.batch_size, *AT_LEAST_1), ("--lr", c.lr, *POSITIVE),
-        ("--schedule", c.schedule, *EPOCH_LIST), ("--momentum", c.momentum, *IN_0_1_OPEN),
-        ("--wd/--weight-decay", c.weight_decay, *NON_NEGATIVE), ("-p/--print-freq", c.print_freq, *NON_NEGATIVE),
-        ("--seed", c.seed, *SEED), ("--moco-dim", c.moco_dim, *AT_LEAST_1), ("--moco-k", c.moco_k, *AT_LEAST_1),
+    check_numbers(training_rules(c) + [
+        ("--moco-dim", c.moco_dim, *AT_LEAST_1), ("--moco-k", c.moco_k, *AT_LEAST_1),
         ("--moco-m", c.moco_m, *IN_0_1), ("--moco-t", c.moco_t, *POSITIVE),
         ("--mgd-loss-factor", c.mgd_loss_factor, *POSITIVE), ("--mgd-samples", c.mgd_samples, *AT_LEAST_1),
         ("--cckd-weight", c.cckd_weight, *NON_NEGATIVE), ("--cckd-gamma", c.cckd_gamma, *POSITIVE),
@@ -130,10 +124,9 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         ("--mlp-hidden-dim", c.mlp_hidden_dim, NON_NEGATIVE[0], ">= 0 (0: MoCo's width)"),
         ("--seed-weight", c.seed_weight, *NON_NEGATIVE), ("--seed-queue", c.seed_queue, *AT_LEAST_1),
         ("--seed-t", c.seed_t, *POSITIVE), ("--seed-teacher-t", c.seed_teacher_t, *POSITIVE),
-        ("--image-size", c.image_size, *AT_LEAST_1), ("--shuffle-bn-splits", c.shuffle_bn_splits, *AT_LEAST_1),
+        ("--shuffle-bn-splits", c.shuffle_bn_splits, *AT_LEAST_1),
         ("--keep-checkpoints", c.keep_checkpoints, NON_NEGATIVE[0], ">= 0 (0: all)"),
         ("--max-skipped-images", c.max_skipped_images, *NON_NEGATIVE),
-        ("--max-images", c.max_images, NON_NEGATIVE[0], ">= 0 (0: all images)"),
         ("--knn-freq", c.knn_freq, NON_NEGATIVE[0], ">= 0 (0: off)"), ("--knn-k", c.knn_k, *AT_LEAST_1),
         ("--knn-t", c.knn_t, *POSITIVE),
     ])
