@@ -96,6 +96,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="channels_last memory format (default: on GPU)")
     run.add_argument("--shuffle-bn-splits", default=8, type=int,
                      help="in a single process, the key encoder's BN runs on this many shuffled sub-batches")
+    run.add_argument("--zero-init-residual", action="store_true",
+                     help="each residual branch starts as zero (torchvision's option; helps a from-scratch ResNet-50 "
+                          "learn in few steps)")
+    run.add_argument("--embedding-bn", action="store_true",
+                     help="a BN without affine parameters at the end of the MLP head (needs --mlp): removes the "
+                          "batch's common direction, where a collapsed embedding lives")
     run.add_argument("--keep-checkpoints", default=2, type=int, help="keep the newest N checkpoints (0: all)")
     run.add_argument("--max-skipped-images", default=100, type=int,
                      help="stop when more unreadable images than this were skipped (per loader process)")

@@ -61,19 +61,23 @@ def apply_small_stem(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_resnet(arch: str, num_classes: int = 1000, stem: str = "imagenet") -> nn.Module:
+def build_resnet(arch: str, num_classes: int = 1000, stem: str = "imagenet",
+                 zero_init_residual: bool = False) -> nn.Module:
     """A torchvision ResNet with random weights (never downloads anything).
 
     Args:
         arch: one of :data:`RESNET_ARCHS`.
         num_classes: outputs of ``fc``.
         stem: ``"imagenet"`` (torchvision's) or ``"small"`` (:func:`apply_small_stem`).
+        zero_init_residual: torchvision's option: each residual branch's last BN starts at
+            zero, so every block starts as the identity (what lets a deep ResNet train fast
+            from scratch on few steps; the official MoCo does not use it).
     """
     if arch not in RESNET_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(RESNET_ARCHS)}")
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}: choose one of {STEMS}")
-    model = getattr(tv_resnet, arch)(weights=None, num_classes=num_classes)
+    model = getattr(tv_resnet, arch)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
     return apply_small_stem(model) if stem == "small" else model
 
 
@@ -208,7 +212,11 @@ def build_head(head: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """
     if "fc.0.weight" in head and "fc.2.weight" in head:
         hidden, width = head["fc.0.weight"].shape
-        module = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, head["fc.2.weight"].shape[0]))
+        dim = head["fc.2.weight"].shape[0]
+        layers = [nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, dim)]
+        if "fc.3.running_mean" in head:  # --embedding-bn
+            layers.append(nn.BatchNorm1d(dim, affine=False))
+        module = nn.Sequential(*layers)
         weights = {k.removeprefix("fc."): v for k, v in head.items()}
     elif "fc.weight" in head:
         out_features, width = head["fc.weight"].shape

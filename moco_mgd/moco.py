@@ -19,16 +19,23 @@ from moco_mgd.backbone import apply_small_stem, build_resnet
 __all__ = ["MoCo", "MoCoOutput", "apply_small_stem", "contrastive_diagnostics", "dequeue_and_enqueue_"]
 
 
-def _mlp_head(fc: nn.Linear, hidden_dim: int | None = None) -> nn.Sequential:
+def _mlp_head(fc: nn.Linear, hidden_dim: int | None = None, embedding_bn: bool = False) -> nn.Sequential:
     """MoCo-v2's projection head: ``fc.0`` (d x hidden), ReLU, ``fc.2`` (hidden x dim).
 
     ``hidden_dim`` None is MoCo's ``d`` (``fc.2`` is then the original ``fc``); a wider one is
     DisCo's remedy for a small student's bottleneck. The keys stay ``fc.0.*`` / ``fc.2.*``.
+    ``embedding_bn`` appends ``fc.3``, a BN without affine parameters over the embedding: it
+    removes the batch's common direction, the one a collapsing or drifting embedding lives in
+    (only running statistics are added to the state dict).
     """
     d = fc.in_features
     if hidden_dim is None or hidden_dim == d:
-        return nn.Sequential(nn.Linear(d, d), nn.ReLU(), fc)
-    return nn.Sequential(nn.Linear(d, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, fc.out_features))
+        layers = [nn.Linear(d, d), nn.ReLU(), fc]
+    else:
+        layers = [nn.Linear(d, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, fc.out_features)]
+    if embedding_bn:
+        layers.append(nn.BatchNorm1d(fc.out_features, affine=False))
+    return nn.Sequential(*layers)
 
 
 @torch.no_grad()
@@ -108,7 +115,8 @@ class MoCo(nn.Module):
 
     def __init__(self, arch: str = "resnet50", dim: int = 128, K: int = 65536, m: float = 0.999,
                  T: float = 0.07, mlp: bool = False, shuffle_bn_splits: int = 8, stem: str = "imagenet",
-                 mlp_hidden_dim: int | None = None):
+                 mlp_hidden_dim: int | None = None, zero_init_residual: bool = False,
+                 embedding_bn: bool = False):
         super().__init__()
         if K < 1 or dim < 1:
             raise ValueError(f"K ({K}) and dim ({dim}) must be positive")
@@ -122,13 +130,15 @@ class MoCo(nn.Module):
         self.shuffle_bn_splits = shuffle_bn_splits
 
         # Both encoders are built (as the official code does) so the RNG is consumed the same way.
-        self.encoder_q = build_resnet(arch, num_classes=dim, stem=stem)
-        self.encoder_k = build_resnet(arch, num_classes=dim, stem=stem)
+        self.encoder_q = build_resnet(arch, num_classes=dim, stem=stem, zero_init_residual=zero_init_residual)
+        self.encoder_k = build_resnet(arch, num_classes=dim, stem=stem, zero_init_residual=zero_init_residual)
         if mlp_hidden_dim is not None and (not mlp or mlp_hidden_dim < 1):
             raise ValueError(f"mlp_hidden_dim={mlp_hidden_dim} needs mlp=True and a positive width")
+        if embedding_bn and not mlp:
+            raise ValueError("embedding_bn is a layer of the MoCo-v2 MLP head: it needs mlp=True")
         if mlp:
-            self.encoder_q.fc = _mlp_head(self.encoder_q.fc, mlp_hidden_dim)
-            self.encoder_k.fc = _mlp_head(self.encoder_k.fc, mlp_hidden_dim)
+            self.encoder_q.fc = _mlp_head(self.encoder_q.fc, mlp_hidden_dim, embedding_bn)
+            self.encoder_k.fc = _mlp_head(self.encoder_k.fc, mlp_hidden_dim, embedding_bn)
         # The key encoder starts as the query encoder and is only ever updated by momentum.
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.encoder_k.requires_grad_(False)

@@ -52,6 +52,8 @@ class PretrainConfig:
     image_size: int = 224
     stem: str = "imagenet"
     shuffle_bn_splits: int = 8
+    zero_init_residual: bool = False
+    embedding_bn: bool = False
     teacher_arch: str = "resnet50"
     teacher_checkpoint: str = ""
     mgd: bool = True
@@ -100,7 +102,8 @@ class PretrainConfig:
 def build_moco(config: PretrainConfig) -> MoCo:
     return MoCo(config.arch, config.moco_dim, config.moco_k, config.moco_m, config.moco_t, config.mlp,
                 shuffle_bn_splits=config.shuffle_bn_splits, stem=config.stem,
-                mlp_hidden_dim=config.mlp_hidden_dim or None)
+                mlp_hidden_dim=config.mlp_hidden_dim or None, zero_init_residual=config.zero_init_residual,
+                embedding_bn=config.embedding_bn)
 
 
 def build_embedding_distiller(config: PretrainConfig, teacher: nn.Module) -> EmbeddingDistiller:
@@ -146,6 +149,8 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
                          "--teacher-checkpoint (add --no-mgd to use the embedding losses without MGD)")
     if config.mlp_hidden_dim and not config.mlp:
         raise ValueError(f"--mlp-hidden-dim {config.mlp_hidden_dim} widens the MoCo-v2 MLP head: add --mlp")
+    if config.embedding_bn and not config.mlp:
+        raise ValueError("--embedding-bn is a layer of the MoCo-v2 MLP head: add --mlp")
     if config.seed_weight > 0 and config.seed_queue % global_batch:
         raise ValueError(f"--seed-queue {config.seed_queue} is not divisible by the global batch size {global_batch}: "
                          f"SEED's queue is filled in whole batches; choose a multiple of {global_batch}")
@@ -172,7 +177,7 @@ def check_resume(checkpoint, config: PretrainConfig, path: str) -> None:
     differences = []
     if checkpoint.get("arch") != config.arch:
         differences.append(f"student -a {checkpoint.get('arch')!r} vs {config.arch!r}")
-    for key in ("moco_dim", "moco_k", "mlp", "stem", "mlp_hidden_dim"):
+    for key in ("moco_dim", "moco_k", "mlp", "stem", "mlp_hidden_dim", "embedding_bn"):
         if key in saved and saved[key] != getattr(config, key):
             differences.append(f"{key} {saved[key]!r} vs {getattr(config, key)!r}")
     if config.use_mgd:

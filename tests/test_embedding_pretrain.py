@@ -82,6 +82,11 @@ def test_wider_head_needs_the_mlp(data_dir, tmp_path, capsys):
     _fails(args + ["--mlp-hidden-dim", "64"], capsys, "--mlp-hidden-dim 64 widens the MoCo-v2 MLP head: add --mlp")
 
 
+def test_embedding_bn_needs_the_mlp(data_dir, tmp_path, capsys):
+    args = [a for a in _args(data_dir, tmp_path) if a != "--mlp"]
+    _fails(args + ["--embedding-bn"], capsys, "--embedding-bn is a layer of the MoCo-v2 MLP head: add --mlp")
+
+
 def test_embedding_size_must_match_the_teacher_for_disco(data_dir, teacher_path, tmp_path, capsys):
     _fails(_args(data_dir, tmp_path, teacher_path, extra=["--disco-weight", "1"]), capsys,
            "--disco-weight compares embeddings", "set --moco-dim 128")

@@ -154,6 +154,26 @@ def test_wider_mlp_hidden_layer_keeps_the_key_names():
         _moco(mlp_hidden_dim=64)
 
 
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    model = _moco(zero_init_residual=True)
+    last_bns = [block.bn2 for layer in (model.encoder_q.layer1, model.encoder_q.layer4) for block in layer]
+    assert last_bns and all(torch.count_nonzero(bn.weight) == 0 for bn in last_bns)
+    assert torch.count_nonzero(_moco().encoder_q.layer1[0].bn2.weight) > 0  # off by default, as MoCo
+    assert torch.equal(model.encoder_k.layer1[0].bn2.weight, model.encoder_q.layer1[0].bn2.weight)
+
+
+def test_embedding_bn_centres_the_embedding_and_keeps_moco_key_names():
+    model = _moco(mlp=True, embedding_bn=True)
+    state = model.state_dict()
+    assert "encoder_q.fc.3.running_mean" in state and "encoder_q.fc.3.weight" not in state  # no affine part
+    assert state["encoder_q.fc.0.weight"].shape == (512, 512) and state["encoder_q.fc.2.weight"].shape == (DIM, 512)
+    out = model(_images(8, 1), _images(8, 2))
+    # q_raw is the BN output: centred over the batch, so the batch has no common direction
+    assert out.query.mean(0).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="needs mlp=True"):
+        _moco(embedding_bn=True)
+
+
 def test_queries_on_both_views_leave_the_query_view_in_the_feature_taps():
     from moco_mgd.taps import FeatureTaps
 
