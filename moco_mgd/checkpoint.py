@@ -77,12 +77,40 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_TEMPORARY = re.compile(r"^\..+\.pth(?:\.tar)?\.tmp-(\d+)$")  # what save_checkpoint names its temporary files
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete what a write killed midway left (``.NAME.tmp-PID`` of a process no longer alive here)."""
+    for entry in directory.iterdir():
+        if (m := _TEMPORARY.match(entry.name)) and not _alive(int(m.group(1))):
+            logger.info("removing %s, left by a checkpoint write that was interrupted", entry)
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():  # this process writes one checkpoint at a time: a file of its pid is an older one's
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 def save_checkpoint(state: Mapping, path: str | os.PathLike, keep: int = 0) -> Path:
     """Write ``state`` to ``path`` atomically, then prune older checkpoints.
 
-    The file is written under a temporary name in the same directory, flushed to disk and
-    renamed: a kill at any moment leaves either the previous checkpoint set or the new
-    one, never a truncated file under a checkpoint name.
+    The file is written under a temporary name (``.NAME.tmp-PID``) in the same directory,
+    flushed and fsynced, renamed onto ``path``, and the directory fsynced: a kill at any
+    moment (even ``kill -9``) leaves the previous checkpoints complete and at most a
+    temporary file, which :func:`latest_checkpoint` never picks and the next save removes.
+    Older checkpoints are pruned only once the new one is in place.
+
+    One process writes to a directory (rank 0 of one run): temporary files of processes no
+    longer alive on this machine are deleted here.
 
     Args:
         state: plain data (see the module docstring).
@@ -93,6 +121,7 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike, keep: int = 0) -> P
         ``path``.
     """
     path = Path(path)
+    _remove_stale_temporaries(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -100,9 +129,9 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike, keep: int = 0) -> P
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:  # a Ctrl-C too: never leave the temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
     if keep > 0:
         for old in list_checkpoints(path.parent)[:-keep]:
