@@ -16,10 +16,12 @@ loads with ``torch.load(weights_only=True)``):
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,8 +30,10 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CheckpointSpaceError",
     "check_writable",
     "checkpoint_path",
+    "estimated_size",
     "save_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
@@ -77,6 +81,80 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class CheckpointSpaceError(OSError):
+    """No room on the disk for a checkpoint; the checkpoints already there are untouched.
+
+    An ``OSError`` with ``errno`` ENOSPC, so code that handles disk errors handles it too.
+    """
+
+    def __init__(self, path: Path, needed: int, free: int) -> None:
+        super().__init__(errno.ENOSPC, f"no space left to save {path.name} in {os.fspath(path.parent)!r}: it needs "
+                         f"{_megabytes(needed)} and {_megabytes(free)} are free there; the checkpoints already "
+                         f"there are untouched. Free space there, or write to a larger disk")
+        self.directory, self.needed, self.free = path.parent, needed, free
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _storages(obj, seen: dict) -> None:
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        seen[(storage.device, storage.data_ptr())] = storage.nbytes()
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            _storages(value, seen)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _storages(value, seen)
+
+
+def estimated_size(state: Mapping) -> int:
+    """Bytes ``torch.save(state)`` will write, about: every tensor storage once, plus room for the rest.
+
+    Cheap (no serialisation, no copy off the GPU). Pickled non-tensor data is not counted
+    beyond a fixed allowance, so a huge string can exceed it: the write then still fails
+    cleanly (see :func:`save_checkpoint`).
+    """
+    seen: dict = {}
+    _storages(state, seen)
+    return sum(seen.values()) + 512 * len(seen) + 2**16  # zip headers and alignment per storage, data.pkl
+
+
+class _ByteCounter:
+    """A write-only file that keeps nothing: how many bytes ``torch.save`` writes, exactly."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self.written += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+
+def _serialized_size(state: Mapping) -> int:
+    counter = _ByteCounter()
+    torch.save(state, counter)
+    return counter.written
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    # torch.save reports a failed write as a RuntimeError whose context is the OSError.
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 _TEMPORARY = re.compile(r"^\..+\.pth(?:\.tar)?\.tmp-(\d+)$")  # what save_checkpoint names its temporary files
 
 
@@ -119,18 +197,28 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike, keep: int = 0) -> P
 
     Returns:
         ``path``.
+
+    Raises:
+        CheckpointSpaceError: the disk has no room for it, found before writing (from the
+            tensors' sizes) or by the write itself; nothing is left behind.
     """
     path = Path(path)
     _remove_stale_temporaries(path.parent)
+    state = dict(state)
+    needed, free = estimated_size(state), shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise CheckpointSpaceError(path, needed, free)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a Ctrl-C too: never leave the temporary file behind
+    except BaseException as exc:  # a Ctrl-C too: never leave the temporary file behind
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and _is_disk_full(exc):
+            raise CheckpointSpaceError(path, _serialized_size(state), shutil.disk_usage(path.parent).free) from None
         raise
     _fsync_dir(path.parent)
     if keep > 0:

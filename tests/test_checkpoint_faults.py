@@ -1,7 +1,8 @@
-"""Faults at save time, for real: a process killed with SIGKILL inside ``save_checkpoint``.
+"""Faults at save time, for real: a process killed with SIGKILL inside ``save_checkpoint``, and a full disk.
 
 The kills land while a real process is writing a checkpoint (the test watches the temporary
-file grow and kills the writer before it is complete).
+file grow and kills the writer before it is complete); the full disk is a size-limited
+tmpfs mounted here (skipped, with the reason, where mounting is not allowed).
 """
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from moco_mgd import checkpoint as ckpt
+from tests.helpers import moco_v2_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -139,3 +141,85 @@ def test_pretraining_killed_inside_a_save_resumes_to_the_same_weights(data_dir, 
     assert a["epoch"] == b["epoch"] == 2
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+# --- a full disk ---------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk("2m")``: a directory on a tmpfs of that size, unmounted afterwards."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        directory = tmp_path / f"disk{len(mounted)}"
+        directory.mkdir()
+        try:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                                    capture_output=True, text=True, timeout=30)
+            reason = result.stderr.strip() or f"exit code {result.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            result, reason = None, str(exc)
+        if result is None or result.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not allowed here: {reason}")
+        mounted.append(directory)
+        return directory
+
+    yield mount
+    for directory in mounted:
+        subprocess.run(["umount", str(directory)], check=True, timeout=30)
+
+
+def _assert_untouched(directory, previous, before):
+    assert previous.read_bytes() == before
+    assert ckpt.list_checkpoints(directory) == [previous] and ckpt.latest_checkpoint(directory) == previous
+    assert _temporaries(directory) == []
+
+
+def test_full_disk_is_refused_before_writing(small_disk):
+    disk = small_disk("2m")
+    previous = ckpt.save_checkpoint({"epoch": 1, "w": torch.zeros(1 << 16)}, ckpt.checkpoint_path(disk, 0))
+    before = previous.read_bytes()
+    with pytest.raises(ckpt.CheckpointSpaceError) as caught:
+        ckpt.save_checkpoint({"epoch": 2, "w": torch.zeros(1 << 20)}, ckpt.checkpoint_path(disk, 1), keep=1)
+    message = str(caught.value)
+    assert f"checkpoint_0001.pth.tar in {str(disk)!r}" in message and "it needs 4.1 MiB" in message, message
+    assert caught.value.needed >= 4 << 20 and caught.value.free < 2 << 20
+    _assert_untouched(disk, previous, before)
+
+
+def test_disk_filling_up_during_the_write(small_disk):
+    # Pickled strings are not in the estimate: this write starts, then hits ENOSPC midway.
+    disk = small_disk("2m")
+    previous = ckpt.save_checkpoint({"epoch": 1, "w": torch.zeros(1 << 16)}, ckpt.checkpoint_path(disk, 0))
+    before = previous.read_bytes()
+    state = {"epoch": 2, "w": torch.zeros(16), "notes": "x" * (3 << 20)}
+    assert ckpt.estimated_size(state) < 1 << 20
+    with pytest.raises(ckpt.CheckpointSpaceError) as caught:
+        ckpt.save_checkpoint(state, ckpt.checkpoint_path(disk, 1), keep=1)
+    assert "it needs 3.0 MiB" in str(caught.value) and str(disk) in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no torch internals shown
+    _assert_untouched(disk, previous, before)
+
+
+def test_full_disk_stops_a_pretraining_run_with_the_message(data_dir, small_disk):
+    # One checkpoint (~130 MiB) fits, the second does not.
+    out = small_disk("200m")
+    result = subprocess.run(_pretrain_cmd(data_dir, out, 2), cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("moco_mgd.checkpoint.CheckpointSpaceError: no space left to save "
+                              f"checkpoint_0001.pth.tar in {str(out)!r}: it needs "), result.stderr[-3000:]
+    previous = ckpt.checkpoint_path(out, 0)
+    assert ckpt.list_checkpoints(out) == [previous] and ckpt.latest_checkpoint(out) == previous
+    assert _load(previous)["epoch"] == 1 and _temporaries(out) == []
+
+
+# --- the size estimate ---------------------------------------------------------------
+
+def test_size_estimate_covers_a_real_checkpoint(tmp_path):
+    state, _ = moco_v2_checkpoint("resnet18", mlp=True)
+    state["view"] = state["state_dict"]["module.queue"][:, :3]  # a view: its storage is written once
+    path = ckpt.save_checkpoint(state, tmp_path / "checkpoint_0000.pth.tar")
+    size = path.stat().st_size
+    assert size <= ckpt.estimated_size(state) <= size + (1 << 20)
