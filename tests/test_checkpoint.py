@@ -1,3 +1,4 @@
+import logging
 import random
 
 import numpy as np
@@ -22,13 +23,17 @@ def test_save_is_atomic_when_the_write_fails(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path) == good
 
 
-def test_latest_skips_unreadable_and_temporary_files(tmp_path):
+def test_latest_skips_unreadable_and_temporary_files(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("moco_mgd"), "propagate", True)  # setup_logging may have cut it
     ckpt.save_checkpoint({"epoch": 1}, ckpt.checkpoint_path(tmp_path, 0))
     ckpt.save_checkpoint({"epoch": 2}, ckpt.checkpoint_path(tmp_path, 1))
     (tmp_path / ".checkpoint_0002.pth.tar.tmp-123").write_bytes(b"partial")
     ckpt.checkpoint_path(tmp_path, 3).write_bytes(b"truncated by hand")
-    latest = ckpt.latest_checkpoint(tmp_path)
+    with caplog.at_level("WARNING", logger="moco_mgd.checkpoint"):
+        latest = ckpt.latest_checkpoint(tmp_path)
     assert latest == ckpt.checkpoint_path(tmp_path, 1)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"skipping unreadable checkpoint {ckpt.checkpoint_path(tmp_path, 3)}"]
     assert torch.load(latest, weights_only=True)["epoch"] == 2
     assert ckpt.latest_checkpoint(tmp_path / "absent") is None
 
