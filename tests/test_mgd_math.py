@@ -2,6 +2,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -43,6 +44,21 @@ def test_balanced_assignment_is_optimal_and_balanced(cs, ct, seed):
     assert torch.bincount(a[a >= 0], minlength=cs).tolist() == [alpha] * cs
     assert int((a == -1).sum()) == ct - alpha * cs
     assert _cost_of(cost, a) == pytest.approx(_brute_force_balanced(cost), abs=1e-12)
+
+
+@pytest.mark.parametrize("cs,ct", [(64, 256), (48, 200)])
+def test_balanced_assignment_of_a_real_channel_cost_matches_scipy(cs, ct):
+    """At a stage's size (too big for brute force), the same total cost as scipy's solver."""
+    from scipy.optimize import linear_sum_assignment
+    g = torch.Generator().manual_seed(cs)
+    student = torch.randn(8, cs, 4, 4, generator=g)
+    teacher = torch.randn(8, ct, 4, 4, generator=g) * torch.rand(1, ct, 1, 1, generator=g) * 3
+    cost = mgd.channel_cost(student, teacher)
+    a = mgd.balanced_assignment(cost)
+    assert torch.bincount(a[a >= 0], minlength=cs).tolist() == [ct // cs] * cs
+    stacked = np.tile(cost.double().numpy(), (ct // cs, 1))
+    rows, cols = linear_sum_assignment(stacked)
+    assert _cost_of(cost, a) == pytest.approx(float(stacked[rows, cols].sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize("cs,ct,seed", [(2, 5, 0), (3, 6, 1), (3, 7, 2), (4, 4, 3)])
