@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moco_mgd.backbone import RESNET_ARCHS, STEMS
-from moco_mgd import launch
-from moco_mgd.lincls import LinclsConfig, check_config, linear_eval
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
+from moco_mgd.runtime import launch
+from moco_mgd.evaluation.lincls import LinclsConfig, check_config, linear_eval
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moco_mgd.backbone import RESNET_ARCHS, STEMS
-from moco_mgd import launch
-from moco_mgd.pretrain import pretrain
-from moco_mgd.pretrain_config import PretrainConfig, validate
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
+from moco_mgd.runtime import launch
+from moco_mgd.training.pretrain import pretrain
+from moco_mgd.training.config import PretrainConfig, validate
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

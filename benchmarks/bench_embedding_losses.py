@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moco_mgd.embedding_distiller import EmbeddingDistiller  # noqa: E402
-from timing import measure  # noqa: E402
+from moco_mgd.losses.embedding import EmbeddingDistiller
+from timing import measure
 
 LOSSES = {
     "CCKD (rbf-taylor, P=2)": {"cckd_weight": 1.0},

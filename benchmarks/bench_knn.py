@@ -24,16 +24,14 @@ import resource
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_mgd.backbone import build_resnet  # noqa: E402
-from moco_mgd.features import extract_features  # noqa: E402
-from moco_mgd.knn import knn_classify  # noqa: E402
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.evaluation.features import extract_features
+from moco_mgd.evaluation.knn import knn_classify
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -1,7 +1,7 @@
 """The solve of one MGD matching update (the four balanced assignments of ResNet-50 -> ResNet-18),
 by three solvers in the same run, on the same costs:
 
-    * ``moco_mgd.mgd.balanced_assignment``: Jonker-Volgenant (``lap.lapjv``) on the stacked matrix;
+    * ``moco_mgd.losses.mgd.balanced_assignment``: Jonker-Volgenant (``lap.lapjv``) on the stacked matrix;
     * scipy's ``linear_sum_assignment`` on the same stacked matrix (what the project used before);
     * the authors' procedure: OR-Tools' linear assignment fed arc by arc from a Python loop
       (their ``AddArcWithCost`` loop, on OR-Tools' current API ``SimpleLinearSumAssignment``,
@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_mgd import mgd  # noqa: E402
-from moco_mgd.backbone import build_resnet  # noqa: E402
-from moco_mgd.taps import FeatureTaps  # noqa: E402
+from moco_mgd.losses import mgd
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.models.taps import FeatureTaps
 
 
 def channel_costs(images: int, size: int) -> list[torch.Tensor]:

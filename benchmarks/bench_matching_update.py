@@ -1,6 +1,6 @@
 """Time of one full MGD matching update, in 1 process and in 2 processes of a real process group.
 
-One update (what ``moco_mgd.engine.run_matching_update`` does):
+One update (what ``moco_mgd.training.engine.run_matching_update`` does):
 
     * collection: each rank feeds its shard of the N images through the ResNet-50 teacher and
       the ResNet-18 student (``FeatureTaps``) and accumulates the channel costs
@@ -35,12 +35,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_mgd import distributed  # noqa: E402
-from moco_mgd.backbone import build_resnet  # noqa: E402
-from moco_mgd.distiller import MGDistiller, collect_matching_costs  # noqa: E402
-from moco_mgd.taps import FeatureTaps  # noqa: E402
+from moco_mgd.runtime import distributed
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.models.taps import FeatureTaps
 
 
 def _cpu_model() -> str:

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moco_mgd import mgd  # noqa: E402
-from moco_mgd.distiller import MGDistiller  # noqa: E402
-from timing import measure  # noqa: E402
+from moco_mgd.losses import mgd
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from timing import measure
 
 STUDENT = (64, 128, 256, 512)       # resnet18 / resnet34
 TEACHER = (256, 512, 1024, 2048)    # resnet50

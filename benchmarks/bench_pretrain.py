@@ -3,7 +3,7 @@ MoCo-v2 + MGD ResNet-18 <- ResNet-50, and each embedding loss (CCKD, DisCo, SEED
 all with MGD; what each adds beyond the teacher's forward.
 
 Synthetic images (no data loading), one process, the step of main_moco_mgd.py
-(``moco_mgd.engine.training_step``).
+(``moco_mgd.training.engine.training_step``).
 Prints a markdown table. Usage::
 
     python benchmarks/bench_pretrain.py                                   # CPU, 64 px, batch 16
@@ -22,22 +22,18 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
-import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moco_mgd.backbone import build_resnet  # noqa: E402
-from moco_mgd.distiller import MGDistiller  # noqa: E402
-from moco_mgd.embedding_distiller import EmbeddingDistiller  # noqa: E402
-from moco_mgd.engine import Distillation, training_step  # noqa: E402
-from moco_mgd.moco import MoCo  # noqa: E402
-from moco_mgd.taps import FeatureTaps  # noqa: E402
-from timing import current_rss_bytes, measure, peak_rss_bytes  # noqa: E402
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.losses.embedding import EmbeddingDistiller
+from moco_mgd.training.engine import Distillation, training_step
+from moco_mgd.models.moco import MoCo
+from moco_mgd.models.taps import FeatureTaps
+from timing import current_rss_bytes, measure, peak_rss_bytes
 
 # (row name, MGD on, EmbeddingDistiller kwargs, student MLP hidden width): the training steps timed.
 STEPS = {
@@ -68,7 +64,7 @@ def _parse_args() -> argparse.Namespace:
 
 
 def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float, int, int, int]:
-    """Time one configuration in this (fresh) process: the training step of ``moco_mgd.engine``.
+    """Time one configuration in this (fresh) process: the training step of ``moco_mgd.training.engine``.
 
     Returns ``(row name, seconds per step, peak GPU GiB, peak RSS bytes, RSS bytes before the
     models, torch threads)``.

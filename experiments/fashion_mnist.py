@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from moco_mgd import plots  # noqa: E402
-from moco_mgd.data import FASHION_MNIST_DIR, find_fashion_mnist  # noqa: E402
-from moco_mgd.results import read_result, results_table, run_result, summary_line, write_result  # noqa: E402
-from supervised_teacher import TEACHER_FILE  # noqa: E402
+from moco_mgd.runtime import plots
+from moco_mgd.runtime.data import FASHION_MNIST_DIR, find_fashion_mnist
+from moco_mgd.runtime.results import read_result, results_table, run_result, summary_line, write_result
+from supervised_teacher import TEACHER_FILE
 
 # Student methods. A "+" combines an MGD variant with embedding losses; an embedding loss
 # alone runs with --no-mgd. Their flags: method_flags().
@@ -267,7 +266,7 @@ def train_supervised_teacher(args, data: str, seed: int, run_dir: Path, epochs: 
     weights = run_dir / TEACHER_FILE
     (run_dir / "metrics.jsonl").write_text("".join(  # a kNN of an interrupted evaluation is redone
         line + "\n" for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"knn"' not in line))
-    run_command([args.python, "-m", "moco_mgd.knn", *common, "--pretrained", str(weights), "-k", str(args.knn_k),
+    run_command([args.python, "-m", "moco_mgd.evaluation.knn", *common, "--pretrained", str(weights), "-k", str(args.knn_k),
                  "--temperature", str(args.knn_t), "-b", str(args.batch_size), "--output-dir", str(run_dir)],
                 run_dir / "stdout.txt")
     return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs, weights, seconds)
@@ -292,7 +291,7 @@ def evaluate_random_init(args, data: str, seed: int, run_dir: Path) -> dict:
               "-j", str(args.workers), "--seed", str(seed), "-a", args.student_arch,
               "--max-images", str(args.images), "--output-dir"]
     start = time.perf_counter()
-    run_command([args.python, "-m", "moco_mgd.knn", *common, str(run_dir), "--random-init", "-k", str(args.knn_k),
+    run_command([args.python, "-m", "moco_mgd.evaluation.knn", *common, str(run_dir), "--random-init", "-k", str(args.knn_k),
                  "--temperature", str(args.knn_t), "-b", str(args.batch_size)], run_dir / "stdout.txt")
     run_command([args.python, "main_lincls.py", *common, str(run_dir / "lincls"), *lincls_flags(args)],
                 run_dir / "lincls" / "stdout.txt")

@@ -15,21 +15,17 @@ the feature maps' area, so a factor tuned at 224 px is (224/32)^2 = 49x weaker a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from moco_mgd.backbone import RESNET_ARCHS, STEMS, load_frozen_teacher, load_pretrained_backbone  # noqa: E402
-from moco_mgd.data import TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset  # noqa: E402
-from moco_mgd.distiller import MGDistiller, collect_matching_costs  # noqa: E402
-from moco_mgd.embedding_distiller import EmbeddingDistiller  # noqa: E402
-from moco_mgd.moco import MoCo  # noqa: E402
-from moco_mgd.taps import FeatureTaps  # noqa: E402
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, load_frozen_teacher, load_pretrained_backbone
+from moco_mgd.runtime.data import TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
+from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.losses.embedding import EmbeddingDistiller
+from moco_mgd.models.moco import MoCo
+from moco_mgd.models.taps import FeatureTaps
 
 EMBEDDING = {"CCKD": {"cckd_weight": 1.0}, "DisCo": {"disco_weight": 1.0}, "SEED": {"seed_weight": 1.0}}
 

@@ -15,19 +15,15 @@ stage at 32 px.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from moco_mgd import mgd  # noqa: E402
-from moco_mgd.backbone import RESNET_ARCHS, STEMS, build_resnet, load_frozen_teacher, load_pretrained_backbone  # noqa: E402
-from moco_mgd.data import build_dataset, eval_transform, random_subset  # noqa: E402
-from moco_mgd.distiller import MGDistiller, collect_matching_costs  # noqa: E402
-from moco_mgd.taps import STAGES, FeatureTaps  # noqa: E402
+from moco_mgd.losses import mgd
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, load_frozen_teacher, load_pretrained_backbone
+from moco_mgd.runtime.data import build_dataset, eval_transform, random_subset
+from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.models.taps import STAGES, FeatureTaps
 
 
 def get_args_parser() -> argparse.ArgumentParser:

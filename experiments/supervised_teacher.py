@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -31,13 +30,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_mgd import checkpoint as ckpt  # noqa: E402
-from moco_mgd.backbone import RESNET_ARCHS, STEMS, build_resnet  # noqa: E402
-from moco_mgd.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset, random_subset  # noqa: E402
-from moco_mgd.engine import set_learning_rate  # noqa: E402
-from moco_mgd.logs import MetricsLog, setup_logging  # noqa: E402
+from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet
+from moco_mgd.runtime.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset, random_subset
+from moco_mgd.training.engine import set_learning_rate
+from moco_mgd.runtime.logs import MetricsLog, setup_logging
 
 logger = logging.getLogger("moco_mgd")
 TEACHER_FILE = "teacher.pth"

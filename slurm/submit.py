@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 __all__ = ["Trainer", "Plan", "SubmitError", "build_parser", "prepare", "main", "rendezvous_port"]
 
@@ -62,11 +60,11 @@ def _entry(name: str):
 
 def _worker_and_check(name: str):
     if name == "pretrain":
-        from moco_mgd.pretrain import pretrain
-        from moco_mgd.pretrain_config import validate
+        from moco_mgd.training.pretrain import pretrain
+        from moco_mgd.training.config import validate
 
         return pretrain, validate
-    from moco_mgd.lincls import check_config, linear_eval
+    from moco_mgd.evaluation.lincls import check_config, linear_eval
 
     return linear_eval, check_config
 
@@ -124,7 +122,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from moco_mgd.launch import DistEnv, init_process_group
+        from moco_mgd.runtime.launch import DistEnv, init_process_group
 
         job = submitit.JobEnvironment()
         config = dataclasses.replace(self.config, output_dir=resolve_job_id(self.config.output_dir, job.job_id))
@@ -158,7 +156,7 @@ class Trainer:
         if not self.requeued:
             return config
         if self.entry == "pretrain":
-            from moco_mgd.checkpoint import latest_checkpoint
+            from moco_mgd.runtime.checkpoint import latest_checkpoint
 
             if latest_checkpoint(config.output_dir) is not None:
                 return dataclasses.replace(config, resume="")   # pretrain() picks the newest complete one
@@ -204,7 +202,7 @@ def _writable_base(job_dir: str) -> Path:
 
 def prepare(name: str, argv: list[str]) -> Plan:
     """Parse and check everything a compute node would trip on later. Raises :class:`SubmitError`."""
-    from moco_mgd.checkpoint import check_writable
+    from moco_mgd.runtime.checkpoint import check_writable
 
     if name not in ENTRIES:
         raise SubmitError(f"unknown entry point {name!r}: choose pretrain or lincls")

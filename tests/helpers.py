@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from moco_mgd.backbone import build_resnet
+from moco_mgd.models.resnet import build_resnet
 
 
 def randomize_bn(model: nn.Module, seed: int) -> nn.Module:

@@ -5,7 +5,7 @@ import pytest
 
 import main_lincls
 import main_moco_mgd
-from moco_mgd import launch
+from moco_mgd.runtime import launch
 
 PRETRAIN_BAD = [
     (["-j", "-1"], "-j/--workers -1: must be >= 0"),

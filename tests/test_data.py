@@ -1,4 +1,4 @@
-"""moco_mgd.data on real files: tiny IDX files and image folders written under tmp_path."""
+"""moco_mgd.runtime.data on real files: tiny IDX files and image folders written under tmp_path."""
 import logging
 import os
 import random
@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from moco_mgd import data
+from moco_mgd.runtime import data
 from tests.helpers import write_fashion_mnist as _write_fashion, write_idx as _write_idx
-from moco_mgd.data import (FASHION_MNIST_DIR, FashionMNIST, GaussianBlur, ImageFolderDataset, TwoCropsTransform,
+from moco_mgd.runtime.data import (FASHION_MNIST_DIR, FashionMNIST, GaussianBlur, ImageFolderDataset, TwoCropsTransform,
                            build_dataset, eval_transform, find_fashion_mnist, random_subset, pretrain_transform)
 
 
@@ -139,7 +139,7 @@ def data_log(caplog, monkeypatch):
     # setup_logging() stops the "moco_mgd" logger from propagating, which would hide its
     # records from caplog when tests that set up logging ran first in this process.
     monkeypatch.setattr(logging.getLogger("moco_mgd"), "propagate", True)
-    caplog.set_level(logging.WARNING, logger="moco_mgd.data")
+    caplog.set_level(logging.WARNING, logger="moco_mgd.runtime.data")
     return caplog
 
 

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from moco_mgd import distributed, mgd
-from moco_mgd.backbone import build_resnet
-from moco_mgd.distiller import MGDistiller, collect_matching_costs
-from moco_mgd.taps import FeatureTaps
+from moco_mgd.runtime import distributed
+
+from moco_mgd.losses import mgd
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.models.taps import FeatureTaps
 from tests.helpers import randomize_bn, run_distributed
 
 

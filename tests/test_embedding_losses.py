@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 from torch.testing import assert_close
 
-from moco_mgd.correlation_congruence import correlation_congruence_loss, correlation_matrix
-from moco_mgd.embedding_distiller import EmbeddingDistiller
-from moco_mgd.embedding_regression import embedding_regression_loss
-from moco_mgd.similarity_distribution import TeacherEmbeddingQueue, similarity_distribution_loss
+from moco_mgd.losses.cckd import correlation_congruence_loss, correlation_matrix
+from moco_mgd.losses.embedding import EmbeddingDistiller
+from moco_mgd.losses.disco import embedding_regression_loss
+from moco_mgd.losses.seed import TeacherEmbeddingQueue, similarity_distribution_loss
 from tests.helpers import run_distributed
 
 

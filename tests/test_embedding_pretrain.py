@@ -93,7 +93,7 @@ def test_embedding_size_must_match_the_teacher_for_disco(data_dir, teacher_path,
 
 
 def test_teacher_without_head(data_dir, tmp_path, capsys):
-    from moco_mgd.backbone import build_resnet
+    from moco_mgd.models.resnet import build_resnet
 
     path = tmp_path / "torchvision_resnet50.pth"
     torch.save({k: v for k, v in build_resnet("resnet50").state_dict().items() if not k.startswith("fc.")}, path)

@@ -1,7 +1,7 @@
-"""python -m moco_mgd.export: round trips into torchvision, timm and detectron2 from three layouts, stems, bad input.
+"""python -m moco_mgd.runtime.export: round trips into torchvision, timm and detectron2 from three layouts, stems, bad input.
 
 Every round trip loads the exported file the way the export's printed instructions say (the printed
-torchvision / timm lines are executed as they are) and compares the forward with moco_mgd.backbone's
+torchvision / timm lines are executed as they are) and compares the forward with moco_mgd.models.resnet's
 own loader on the source checkpoint. detectron2 is not on PyPI: its names are checked against a set
 built here from the ResNet's structure, and a test-side inverse mapping rebuilds the torchvision model.
 """
@@ -17,9 +17,9 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import Bottleneck
 
-from moco_mgd.backbone import build_resnet, load_frozen_backbone
-from moco_mgd.checkpoint import with_module_prefix
-from moco_mgd.export import detectron2_name, head_path, main
+from moco_mgd.models.resnet import build_resnet, load_frozen_backbone
+from moco_mgd.runtime.checkpoint import with_module_prefix
+from moco_mgd.runtime.export import detectron2_name, head_path, main
 from tests.helpers import moco_v2_checkpoint, randomize_bn
 
 CLOSE = dict(atol=1e-6, rtol=1e-5)
@@ -27,7 +27,7 @@ NUM_CLASSES = 10
 
 
 def _lincls_checkpoint(arch="resnet18", stem="imagenet", seed=3):
-    """What moco_mgd/lincls.py saves: the whole model under ``module.``, its trained fc, and fc's SGD state."""
+    """What moco_mgd/evaluation/lincls.py saves: the whole model under ``module.``, its trained fc, and fc's SGD state."""
     torch.manual_seed(seed)
     model = randomize_bn(build_resnet(arch, num_classes=NUM_CLASSES, stem=stem), seed)
     optimizer = torch.optim.SGD(model.fc.parameters(), 30.0, momentum=0.9)

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from moco_mgd import knn
-from moco_mgd.features import extract_features
+from moco_mgd.evaluation import knn
+from moco_mgd.evaluation.features import extract_features
 from tests.helpers import make_image_folder, moco_v2_checkpoint, run_distributed
 
 
@@ -164,7 +164,7 @@ def test_cli_end_to_end(folders, checkpoint, capsys):
 
 
 def test_cli_random_init_on_a_subset_writes_metrics(tmp_path, capsys):
-    from moco_mgd.logs import read_metrics
+    from moco_mgd.runtime.logs import read_metrics
     from tests.helpers import write_fashion_mnist
 
     write_fashion_mnist(tmp_path / "fm", "train", n=40, structured=True)

@@ -9,11 +9,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import main_lincls
-from moco_mgd.backbone import build_resnet
-from moco_mgd.checkpoint import with_module_prefix
-from moco_mgd.data import build_dataset
-from moco_mgd.lincls import build_linear_model, check_frozen_weights, frozen_state, train_epoch, train_transform
-from moco_mgd.moco import MoCo
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.runtime.checkpoint import with_module_prefix
+from moco_mgd.runtime.data import build_dataset
+from moco_mgd.evaluation.lincls import build_linear_model, check_frozen_weights, frozen_state, train_epoch, train_transform
+from moco_mgd.models.moco import MoCo
 from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint, randomize_bn
 
 

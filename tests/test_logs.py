@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from moco_mgd.logs import MetricsLog, format_duration
+from moco_mgd.runtime.logs import MetricsLog, format_duration
 
 
 def test_metrics_are_json_lines_with_plain_numbers(tmp_path):

@@ -9,7 +9,7 @@ import torch.nn as nn
 from scipy import integrate, stats
 from torch.testing import assert_close
 
-from moco_mgd import mgd
+from moco_mgd.losses import mgd
 
 
 def _random_cost(cs, ct, seed):

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_mgd.backbone import build_resnet
-from moco_mgd.moco import MoCo, apply_small_stem
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.models.moco import MoCo, apply_small_stem
 from tests.helpers import run_distributed
 
 ARCH, DIM, K, SIZE = "resnet18", 16, 32, 32
@@ -175,7 +175,7 @@ def test_embedding_bn_centres_the_embedding_and_keeps_moco_key_names():
 
 
 def test_queries_on_both_views_leave_the_query_view_in_the_feature_taps():
-    from moco_mgd.taps import FeatureTaps
+    from moco_mgd.models.taps import FeatureTaps
 
     model = _moco(mlp=True)
     model.train()
@@ -344,7 +344,7 @@ def test_two_process_shuffle_bn_queue_and_ddp_gradients(tmp_path):
 
 
 def test_contrastive_diagnostics_tell_a_collapsed_embedding_from_a_spread_one():
-    from moco_mgd.moco import MoCoOutput, contrastive_diagnostics
+    from moco_mgd.models.moco import MoCoOutput, contrastive_diagnostics
 
     T, n = 0.2, 4
     keys = torch.eye(n, 8)                        # orthogonal, normalised
@@ -373,7 +373,7 @@ def test_contrastive_diagnostics_tell_a_collapsed_embedding_from_a_spread_one():
 
 
 def test_diagnostics_of_a_real_forward_match_the_cosines():
-    from moco_mgd.moco import contrastive_diagnostics
+    from moco_mgd.models.moco import contrastive_diagnostics
 
     model = _moco(mlp=True)
     model.train()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import main_moco_mgd
-from moco_mgd.backbone import build_resnet
-from moco_mgd.checkpoint import list_checkpoints
-from moco_mgd.engine import NonFiniteLossError
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.runtime.checkpoint import list_checkpoints
+from moco_mgd.training.engine import NonFiniteLossError
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import main_moco_mgd
-from moco_mgd.checkpoint import list_checkpoints
+from moco_mgd.runtime.checkpoint import list_checkpoints
 from slurm import submit
 from tests.helpers import make_image_folder, moco_v2_checkpoint
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import Bottleneck
 
-from moco_mgd.backbone import build_resnet
-from moco_mgd.taps import FeatureTaps, pre_relu_bns, stage_channels
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.models.taps import FeatureTaps, pre_relu_bns, stage_channels
 from tests.helpers import randomize_bn
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moco_mgd import mgd
-from moco_mgd.backbone import backbone_state_dict, build_resnet, load_frozen_teacher
-from moco_mgd.distiller import MGDistiller
-from moco_mgd.taps import pre_relu_bns
+from moco_mgd.losses import mgd
+from moco_mgd.models.resnet import backbone_state_dict, build_resnet, load_frozen_teacher
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.models.taps import pre_relu_bns
 from tests.helpers import moco_v2_checkpoint
 
 
@@ -32,7 +32,7 @@ def test_teacher_from_official_moco_layout(tmp_path, mlp):
 
 @pytest.mark.parametrize("mlp", [True, False])
 def test_teacher_with_its_head_outputs_the_moco_embedding(tmp_path, mlp):
-    from moco_mgd.backbone import head_dim
+    from moco_mgd.models.resnet import head_dim
 
     checkpoint, encoder_q = moco_v2_checkpoint("resnet50", mlp=mlp, dim=32)
     path = tmp_path / "moco_v2.pth.tar"

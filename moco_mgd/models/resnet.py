@@ -272,7 +272,7 @@ def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike, stem: str
 
     MGD reads intermediate features only, so by default the head is dropped (``fc`` is the
     identity). ``with_head`` keeps the MoCo-v2 head, for the embedding losses
-    (:mod:`moco_mgd.embedding_distiller`): the model then outputs the teacher's embedding,
+    (:mod:`moco_mgd.losses.embedding`): the model then outputs the teacher's embedding,
     and its feature taps still see the stages. The returned model is in eval mode with
     ``requires_grad=False`` everywhere. Keep it out of DDP and call it under ``torch.no_grad()``.
     """

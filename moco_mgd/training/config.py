@@ -2,7 +2,7 @@
 
 ``main_moco_mgd.py`` (and ``slurm/submit.py``) parse the command line into a
 :class:`PretrainConfig` and call :func:`validate`: every bad input fails there, before any
-process starts or any file is written. The run itself is :func:`moco_mgd.pretrain.pretrain`.
+process starts or any file is written. The run itself is :func:`moco_mgd.training.pretrain.pretrain`.
 """
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from moco_mgd import checkpoint as ckpt
-from moco_mgd.backbone import head_dim, load_checkpoint_file, load_frozen_teacher
-from moco_mgd.data import build_dataset, check_same_classes
-from moco_mgd.distiller import MGDistiller
-from moco_mgd.embedding_distiller import EmbeddingDistiller
-from moco_mgd.engine import matching_epochs
-from moco_mgd.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
-from moco_mgd.launch import per_process_batch
-from moco_mgd.moco import MoCo
+from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.models.resnet import head_dim, load_checkpoint_file, load_frozen_teacher
+from moco_mgd.runtime.data import build_dataset, check_same_classes
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.losses.embedding import EmbeddingDistiller
+from moco_mgd.training.engine import matching_epochs
+from moco_mgd.runtime.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
+from moco_mgd.runtime.launch import per_process_batch
+from moco_mgd.models.moco import MoCo
 
 __all__ = ["PretrainConfig", "validate", "check_resume", "build_moco", "build_embedding_distiller"]
 

@@ -1,7 +1,7 @@
 """Take the student out: a checkpoint's backbone as torchvision, timm or detectron2 weights.
 
-``python -m moco_mgd.export CKPT --to torchvision|timm|detectron2 -o OUT`` reads any layout of
-:mod:`moco_mgd.backbone` (this project's pretraining and linear-eval checkpoints, MoCo's, torchvision's)
+``python -m moco_mgd.runtime.export CKPT --to torchvision|timm|detectron2 -o OUT`` reads any layout of
+:mod:`moco_mgd.models.resnet` (this project's pretraining and linear-eval checkpoints, MoCo's, torchvision's)
 and keeps the query encoder's backbone only:
 
     torchvision, timm  a plain state dict (timm's ResNets have torchvision's names), with ``fc`` only when
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from moco_mgd.backbone import (RESNET_ARCHS, STEMS, _guess_arch, backbone_state_dict, build_resnet,
+from moco_mgd.models.resnet import (RESNET_ARCHS, STEMS, _guess_arch, backbone_state_dict, build_resnet,
                                load_backbone_weights, load_checkpoint_file)
 
 __all__ = ["TARGETS", "detectron2_name", "to_detectron2", "weights_stem", "resolve_arch", "dropped_groups",
@@ -75,7 +75,7 @@ def to_detectron2(backbone: Mapping[str, torch.Tensor]) -> dict:
 
 
 def weights_stem(backbone: Mapping[str, torch.Tensor]) -> str:
-    """``"small"`` when ``conv1`` is 3x3 (:func:`moco_mgd.backbone.apply_small_stem`), else ``"imagenet"``."""
+    """``"small"`` when ``conv1`` is 3x3 (:func:`moco_mgd.models.resnet.apply_small_stem`), else ``"imagenet"``."""
     return "small" if tuple(backbone["conv1.weight"].shape[-2:]) == (3, 3) else "imagenet"
 
 
@@ -116,7 +116,7 @@ def dropped_groups(checkpoint: Mapping, kept: Iterable[torch.Tensor]) -> tuple[C
     """What of ``checkpoint`` is not in ``kept``, for the report.
 
     The state dict is the entry holding the kept tensors (found by identity: the layout rules stay in
-    :func:`moco_mgd.backbone.backbone_state_dict`); its other keys are grouped by :func:`_state_group`.
+    :func:`moco_mgd.models.resnet.backbone_state_dict`); its other keys are grouped by :func:`_state_group`.
     Other entries are one group each (``optimizer``, ``MGD state``: shown even with 0 tensors), or
     metadata when they hold plain values only (``epoch``, ``config``).
 
@@ -192,7 +192,7 @@ def _how_to_load(target: str, arch: str, stem: str, out: Path, num_classes: int 
                  f"model = torchvision.models.{arch}({f'num_classes={num_classes}' if num_classes else ''})"]
         if not num_classes:
             lines.append("model.fc = torch.nn.Identity()  # no classifier was trained: outputs pooled features")
-    if stem == "small":  # the weights need the small-image stem (moco_mgd.backbone.apply_small_stem)
+    if stem == "small":  # the weights need the small-image stem (moco_mgd.models.resnet.apply_small_stem)
         lines += [f"model.conv1 = torch.nn.Conv2d(3, {width}, kernel_size=3, stride=1, padding=1, bias=False)",
                   "model.maxpool = torch.nn.Identity()"]
     lines.append(f"model.load_state_dict(torch.load({str(out)!r}))")
@@ -200,9 +200,9 @@ def _how_to_load(target: str, arch: str, stem: str, out: Path, num_classes: int 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moco_mgd.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moco_mgd.runtime.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint in any layout moco_mgd.backbone reads")
+    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint in any layout moco_mgd.models.resnet reads")
     parser.add_argument("--to", required=True, choices=TARGETS, help="the library that will load OUT")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write")
     parser.add_argument("-a", "--arch", choices=RESNET_ARCHS, metavar="ARCH",

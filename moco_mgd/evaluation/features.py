@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from moco_mgd import distributed
+from moco_mgd.runtime import distributed
 
 __all__ = ["IndexedDataset", "extract_features"]
 

@@ -1,14 +1,14 @@
 """Embedding-level distillation: the losses on the final embedding that a run turns on.
 
-MGD (:mod:`moco_mgd.distiller`) distils intermediate feature maps; these distil the MoCo-v2
+MGD (:mod:`moco_mgd.losses.mgd_distiller`) distils intermediate feature maps; these distil the MoCo-v2
 embedding (the output of the MLP head) and combine with MGD and with each other:
 
-* ``cckd``: correlation congruence (:mod:`moco_mgd.correlation_congruence`), over the
+* ``cckd``: correlation congruence (:mod:`moco_mgd.losses.cckd`), over the
   global batch: the student embeddings of every rank are gathered with their gradient;
-* ``disco``: embedding regression (:mod:`moco_mgd.embedding_regression`), on the query
+* ``disco``: embedding regression (:mod:`moco_mgd.losses.disco`), on the query
   view, or on both views (a second forward of the student's query encoder and of the
   teacher on the key view);
-* ``seed``: similarity-distribution distillation (:mod:`moco_mgd.similarity_distribution`),
+* ``seed``: similarity-distribution distillation (:mod:`moco_mgd.losses.seed`),
   against its own queue of teacher embeddings.
 
 All of them read the teacher's embedding of the query view from the one teacher forward
@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moco_mgd import distributed
-from moco_mgd.correlation_congruence import KERNELS, correlation_congruence_loss
-from moco_mgd.embedding_regression import embedding_regression_loss
-from moco_mgd.similarity_distribution import TeacherEmbeddingQueue, similarity_distribution_loss
+from moco_mgd.runtime import distributed
+from moco_mgd.losses.cckd import KERNELS, correlation_congruence_loss
+from moco_mgd.losses.disco import embedding_regression_loss
+from moco_mgd.losses.seed import TeacherEmbeddingQueue, similarity_distribution_loss
 
 __all__ = ["EMBEDDING_LOSSES", "EmbeddingDistiller"]
 

@@ -44,7 +44,7 @@ def last_blocks(model: nn.Module) -> list[nn.Module]:
 def pre_relu_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The BN whose output feeds each tapped ReLU (bn3 of a Bottleneck, bn2 of a BasicBlock).
 
-    Its weight and bias give the teacher's margins (:func:`moco_mgd.mgd.bn_margin`).
+    Its weight and bias give the teacher's margins (:func:`moco_mgd.losses.mgd.bn_margin`).
     """
     return [b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in last_blocks(model)]
 

@@ -1,7 +1,7 @@
 """MoCo-v2 pretraining with MGD and the embedding losses: the run of one process.
 
 Every launch mode (one process, ``mp.spawn``, torchrun, SLURM) ends in :func:`pretrain`,
-with a configuration already checked by :func:`moco_mgd.pretrain_config.validate`.
+with a configuration already checked by :func:`moco_mgd.training.config.validate`.
 """
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from moco_mgd import checkpoint as ckpt
-from moco_mgd.backbone import load_checkpoint_file, load_frozen_teacher, resnet_trunk
-from moco_mgd.data import TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
-from moco_mgd.distiller import MGDistiller
-from moco_mgd.engine import (Distillation, NonFiniteLossError, diagnostics_text, learning_rate, matching_epochs,
+from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.models.resnet import load_checkpoint_file, load_frozen_teacher, resnet_trunk
+from moco_mgd.runtime.data import TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.engine import (Distillation, NonFiniteLossError, diagnostics_text, learning_rate, matching_epochs,
                              run_matching_update, set_learning_rate, train_one_epoch)
-from moco_mgd.knn import knn_evaluate
-from moco_mgd.launch import DistEnv, per_process_batch
-from moco_mgd.logs import MetricsLog, setup_logging
-from moco_mgd.pretrain_config import PretrainConfig, build_embedding_distiller, build_moco, check_resume
-from moco_mgd.taps import FeatureTaps
+from moco_mgd.evaluation.knn import knn_evaluate
+from moco_mgd.runtime.launch import DistEnv, per_process_batch
+from moco_mgd.runtime.logs import MetricsLog, setup_logging
+from moco_mgd.training.config import PretrainConfig, build_embedding_distiller, build_moco, check_resume
+from moco_mgd.models.taps import FeatureTaps
 
 __all__ = ["pretrain"]
 
@@ -193,12 +193,12 @@ def _write_figures(output_dir: Path, metrics: MetricsLog) -> None:
 
     The checkpoints are already saved: a figure that cannot be drawn is a warning, not a failed run.
     """
-    from moco_mgd import plots  # matplotlib is imported only here, once per run
+    from moco_mgd.runtime import plots  # matplotlib is imported only here, once per run
 
     try:
         paths = plots.write_run_figures(output_dir, metrics_log=metrics)
     except (OSError, ValueError) as exc:
-        logger.warning(f"figures not drawn ({exc}); retry with: python -m moco_mgd.plots {output_dir}")
+        logger.warning(f"figures not drawn ({exc}); retry with: python -m moco_mgd.runtime.plots {output_dir}")
         return
     logger.info("figures: " + ", ".join(str(p) for p in paths))
 

@@ -10,7 +10,7 @@
   MGD), with the teacher's kNN top-1 and any given reference (e.g. random weights) dashed.
 
 The data extraction is pure (records in, arrays out); the ``plot_*`` functions only draw.
-Regenerate from a log: ``python -m moco_mgd.plots RUN_DIR --compare baseline=OTHER_RUN_DIR``.
+Regenerate from a log: ``python -m moco_mgd.runtime.plots RUN_DIR --compare baseline=OTHER_RUN_DIR``.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import torch
 from matplotlib.figure import Figure  # the object API draws with Agg, without pyplot's global state
 from matplotlib.ticker import MaxNLocator
 
-from moco_mgd.logs import MetricsLog, read_metrics
-from moco_mgd.mgd import assignment_groups
+from moco_mgd.runtime.logs import MetricsLog, read_metrics
+from moco_mgd.losses.mgd import assignment_groups
 
 __all__ = ["matching_costs", "changed_fractions", "group_representatives", "assignment_history",
            "epoch_curves", "teacher_knn_top1", "last_knn_top1", "plot_matching_cost", "plot_assignment_stability",
@@ -112,7 +112,7 @@ def teacher_knn_top1(records: Records) -> float | None:
 
 
 def last_knn_top1(records: Records) -> float:
-    """The last kNN top-1 of a log (e.g. of ``python -m moco_mgd.knn --random-init --output-dir``)."""
+    """The last kNN top-1 of a log (e.g. of ``python -m moco_mgd.evaluation.knn --random-init --output-dir``)."""
     knn = [r for r in records if r.get("kind") == "knn"]
     if not knn:
         raise ValueError("the log has no kNN record (kind 'knn') to draw as a reference")
@@ -261,7 +261,7 @@ def write_run_figures(run_dir: str | os.PathLike, output_dir: str | os.PathLike 
         metrics_log: when given with wandb on, the figures are also sent to wandb through it.
         label: this run's name in the legend (default the directory name).
         references: horizontal kNN lines, label -> a value or a run directory whose last kNN
-            record gives it (e.g. the random-weights floor of ``python -m moco_mgd.knn --random-init``).
+            record gives it (e.g. the random-weights floor of ``python -m moco_mgd.evaluation.knn --random-init``).
 
     Returns:
         The paths written.
@@ -296,13 +296,13 @@ def _parse_runs(parser: argparse.ArgumentParser, items: Sequence[str], flag: str
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m moco_mgd.plots", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moco_mgd.runtime.plots", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run's output directory (holds metrics.jsonl)")
     parser.add_argument("--compare", nargs="+", action="extend", default=[], metavar="LABEL=DIR",
                         help="other runs to draw on the training curves (repeatable)")
     parser.add_argument("--reference", nargs="+", action="extend", default=[], metavar="LABEL=DIR",
                         help="a dashed kNN line at a run's last kNN top-1, e.g. \"random init=RUN_DIR\" of "
-                             "python -m moco_mgd.knn --random-init --output-dir RUN_DIR")
+                             "python -m moco_mgd.evaluation.knn --random-init --output-dir RUN_DIR")
     parser.add_argument("--label", help="this run's name in the legend (default: the directory name)")
     parser.add_argument("--output-dir", type=Path, help="where the PNGs go (default: RUN_DIR)")
     parser.add_argument("--wandb-project", help="also send the figures to this wandb project")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco_mgd.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
+from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
 
 __all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
            "add_launch_arguments", "config_from_args", "run_main", "per_process_batch"]

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from moco_mgd.logs import read_metrics
+from moco_mgd.runtime.logs import read_metrics
 
 __all__ = ["RESULT_FILE", "last_record", "run_result", "write_result", "read_result", "summarize",
            "paired_differences", "results_table", "summary_line"]

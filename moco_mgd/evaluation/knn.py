@@ -5,8 +5,8 @@ Each query's top-k train neighbours (cosine similarity) vote for their label wit
 search runs in faiss (exact ``IndexFlatIP``, on GPU when there is one) or in plain torch (the
 brute-force reference); both find the same neighbours. Usage::
 
-    python -m moco_mgd.knn /data/imagenet --pretrained moco_v2_200ep_pretrain.pth.tar -a resnet50
-    torchrun --nproc-per-node 8 -m moco_mgd.knn /data/imagenet --pretrained ... -a resnet50
+    python -m moco_mgd.evaluation.knn /data/imagenet --pretrained moco_v2_200ep_pretrain.pth.tar -a resnet50
+    torchrun --nproc-per-node 8 -m moco_mgd.evaluation.knn /data/imagenet --pretrained ... -a resnet50
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from moco_mgd import distributed
-from moco_mgd.backbone import RESNET_ARCHS, STEMS, build_resnet, load_frozen_backbone, resnet_trunk
-from moco_mgd.data import DATASETS, build_dataset, check_same_classes, eval_transform, random_subset
-from moco_mgd.features import extract_features
-from moco_mgd.launch import init_process_group, launched_by_torchrun
+from moco_mgd.runtime import distributed
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, load_frozen_backbone, resnet_trunk
+from moco_mgd.runtime.data import DATASETS, build_dataset, check_same_classes, eval_transform, random_subset
+from moco_mgd.evaluation.features import extract_features
+from moco_mgd.runtime.launch import init_process_group, launched_by_torchrun
 
 __all__ = ["BACKENDS", "knn_search", "knn_classify", "knn_accuracy", "knn_evaluate", "main"]
 
@@ -186,7 +186,7 @@ def knn_evaluate(model: nn.Module, train_set: Dataset, val_set: Dataset, batch_s
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m moco_mgd.knn", description=__doc__,
+    parser = argparse.ArgumentParser("python -m moco_mgd.evaluation.knn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", metavar="DATA", nargs="?", default="", help="holds train/CLASS/* and val/CLASS/*"
                         " (fashion-mnist: the IDX directory, default /usr/share/datasets/fashion-mnist)")
@@ -215,7 +215,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """The CLI: prints ``kNN (k=.., T=..) top-1 .. top-5 .. on N val images`` (rank 0)."""
-    from moco_mgd.logs import setup_logging
+    from moco_mgd.runtime.logs import setup_logging
 
     parser = get_args_parser()
     args, torchrun = parser.parse_args(argv), launched_by_torchrun()
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         top5 = f" top-5 {result['top5']:.2f}" if "top5" in result else ""
         print(f"kNN (k={args.k}, T={args.temperature}) top-1 {result['top1']:.2f}{top5} on {len(val_set)} val images")
         if args.output_dir:
-            from moco_mgd.logs import MetricsLog
+            from moco_mgd.runtime.logs import MetricsLog
 
             os.makedirs(args.output_dir, exist_ok=True)
             metrics = MetricsLog(args.output_dir, True)

@@ -18,7 +18,7 @@ embeddings, which is what the paper's Taylor expansion of the Gaussian RBF kerne
 
 The paper uses the P=2 expansion with gamma=0.4. The batch of a distributed run is the
 global batch: gather the embeddings of every rank first
-(:func:`moco_mgd.distributed.all_gather_with_grad`).
+(:func:`moco_mgd.runtime.distributed.all_gather_with_grad`).
 """
 from __future__ import annotations
 

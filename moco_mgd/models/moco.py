@@ -3,7 +3,7 @@
 The algorithm and the state-dict layout are those of facebookresearch/moco ``moco/builder.py``
 (``encoder_q.*``, ``encoder_k.*``, ``queue``, ``queue_ptr``; ``module.``-prefixed under DDP),
 but nothing here assumes a GPU or a process group: tensors follow the inputs' device, and
-every collective goes through :mod:`moco_mgd.distributed`, which no-ops at world size 1.
+every collective goes through :mod:`moco_mgd.runtime.distributed`, which no-ops at world size 1.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_mgd import distributed
-from moco_mgd.backbone import apply_small_stem, build_resnet
+from moco_mgd.runtime import distributed
+from moco_mgd.models.resnet import apply_small_stem, build_resnet
 
 __all__ = ["MoCo", "MoCoOutput", "apply_small_stem", "contrastive_diagnostics", "dequeue_and_enqueue_"]
 
@@ -100,7 +100,7 @@ class MoCo(nn.Module):
     the same seed gives bitwise-identical runs on CPU.
 
     Args:
-        arch: a torchvision ResNet name (see :data:`moco_mgd.backbone.RESNET_ARCHS`).
+        arch: a torchvision ResNet name (see :data:`moco_mgd.models.resnet.RESNET_ARCHS`).
         dim: feature dimension of the keys and queries (``fc`` outputs).
         K: queue size (negative keys); must be a multiple of the global batch size.
         m: momentum of the key encoder's moving average.

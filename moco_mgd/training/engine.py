@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from moco_mgd import distributed
-from moco_mgd.distiller import MGDistiller, collect_matching_costs
-from moco_mgd.embedding_distiller import EmbeddingDistiller
-from moco_mgd.logs import MetricsLog, format_duration
-from moco_mgd.moco import contrastive_diagnostics
-from moco_mgd.taps import FeatureTaps
+from moco_mgd.runtime import distributed
+from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.losses.embedding import EmbeddingDistiller
+from moco_mgd.runtime.logs import MetricsLog, format_duration
+from moco_mgd.models.moco import contrastive_diagnostics
+from moco_mgd.models.taps import FeatureTaps
 
 __all__ = [
     "AUTHORS_MATCHING_EPOCHS",
@@ -228,7 +228,7 @@ def train_one_epoch(
     Returns:
         Epoch means: ``loss``, ``infonce``, ``mgd`` (+ ``mgd_<stage>``), each embedding loss
         by name (unweighted), ``acc1``, the diagnostics of
-        :func:`~moco_mgd.moco.contrastive_diagnostics` and ``images_per_s``.
+        :func:`~moco_mgd.models.moco.contrastive_diagnostics` and ``images_per_s``.
 
     Raises:
         NonFiniteLossError: naming the epoch and iteration.

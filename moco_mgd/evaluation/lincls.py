@@ -24,16 +24,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision import transforms
 
-from moco_mgd import distributed
-from moco_mgd.backbone import build_resnet, load_checkpoint_file, load_pretrained_backbone, resnet_trunk
-from moco_mgd.checkpoint import check_writable, save_checkpoint, with_module_prefix
-from moco_mgd.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform,
+from moco_mgd.runtime import distributed
+from moco_mgd.models.resnet import build_resnet, load_checkpoint_file, load_pretrained_backbone, resnet_trunk
+from moco_mgd.runtime.checkpoint import check_writable, save_checkpoint, with_module_prefix
+from moco_mgd.runtime.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform,
                            random_subset)
-from moco_mgd.engine import learning_rate, set_learning_rate
-from moco_mgd.features import extract_features
-from moco_mgd.flag_checks import check_numbers, training_rules
-from moco_mgd.launch import DistEnv, per_process_batch
-from moco_mgd.logs import MetricsLog, setup_logging
+from moco_mgd.training.engine import learning_rate, set_learning_rate
+from moco_mgd.evaluation.features import extract_features
+from moco_mgd.runtime.flag_checks import check_numbers, training_rules
+from moco_mgd.runtime.launch import DistEnv, per_process_batch
+from moco_mgd.runtime.logs import MetricsLog, setup_logging
 
 __all__ = ["LinclsConfig", "check_config", "linear_eval", "build_linear_model", "check_frozen_weights",
            "train_transform", "train_epoch", "validate"]
@@ -81,7 +81,7 @@ def build_linear_model(arch: str, num_classes: int, pretrained_path: str = "",
     Args:
         arch, stem: the architecture (``RESNET_ARCHS``) and stem the weights must fit (all but ``fc``).
         num_classes: outputs of the new ``fc``.
-        pretrained_path: a checkpoint in any layout of ``moco_mgd.backbone`` ("" = random backbone).
+        pretrained_path: a checkpoint in any layout of ``moco_mgd.models.resnet`` ("" = random backbone).
     Returns:
         ``(model, description)``: only ``fc.weight``/``fc.bias`` require grad, ``fc`` ~ N(0, 0.01)
         with bias 0 (as MoCo); a one-line account of what was loaded, to log.

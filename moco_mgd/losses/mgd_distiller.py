@@ -2,7 +2,7 @@
 
 It owns what MGD adds to a training run (paper section 3.4): per stage, the teacher's
 margins, the current assignment, and a BatchNorm on the student feature (as the authors'
-code has). It owns neither network: features come from :class:`moco_mgd.taps.FeatureTaps`,
+code has). It owns neither network: features come from :class:`moco_mgd.models.taps.FeatureTaps`,
 so the teacher stays out of DDP and out of the student's checkpoint.
 
 Coordinate descent::
@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from moco_mgd import distributed, mgd
-from moco_mgd.taps import STAGES, FeatureTaps, pre_relu_bns, stage_channels
+from moco_mgd.runtime import distributed
+
+from moco_mgd.losses import mgd
+from moco_mgd.models.taps import STAGES, FeatureTaps, pre_relu_bns, stage_channels
 
 __all__ = ["DEFAULT_STAGE_WEIGHTS", "StageMatching", "MGDistiller", "collect_matching_costs"]
 
@@ -58,7 +60,7 @@ class MGDistiller(nn.Module):
         loss_factor: the summed loss is divided by ``batch_size * loss_factor``.
         stage_weights: weight of each stage's loss.
         student_bn: put a BatchNorm on each student feature before the loss.
-        distance: channel distance for the matching, see :func:`moco_mgd.mgd.channel_cost`.
+        distance: channel distance for the matching, see :func:`moco_mgd.losses.mgd.channel_cost`.
     """
 
     def __init__(
@@ -169,7 +171,7 @@ class MGDistiller(nn.Module):
 
     @torch.no_grad()
     def accumulate(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> None:
-        """Add one batch's :func:`~moco_mgd.mgd.channel_cost` to the running totals of every stage."""
+        """Add one batch's :func:`~moco_mgd.losses.mgd.channel_cost` to the running totals of every stage."""
         self._check_stages(student_feats, teacher_feats)
         for i, (s, t) in enumerate(zip(student_feats, teacher_feats)):
             # float64: 20k images of summed distances lose ties to float32 round-off.
@@ -189,7 +191,7 @@ class MGDistiller(nn.Module):
 
     @torch.no_grad()
     def set_fixed_matching(self) -> None:
-        """Use :func:`~moco_mgd.mgd.fixed_assignment` on every stage instead of solving a matching."""
+        """Use :func:`~moco_mgd.losses.mgd.fixed_assignment` on every stage instead of solving a matching."""
         for i, (cs, ct) in enumerate(zip(self.student_channels, self.teacher_channels)):
             getattr(self, f"assignment{i}").copy_(mgd.fixed_assignment(ct, cs, sparse=self.reducer == "sm"))
         self.num_matchings += 1

@@ -1,0 +1,1 @@
+"""Pretraining: the configuration, the schedules, one training step and epoch, the run."""
