@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 
 from moco_mgd.losses import mgd
 from moco_mgd.models.resnet import build_resnet
-from moco_mgd.models.taps import FeatureTaps
+from moco_mgd.models.stages import forward_with_stages
 
 
 def channel_costs(images: int, size: int) -> list[torch.Tensor]:
@@ -39,7 +39,7 @@ def channel_costs(images: int, size: int) -> list[torch.Tensor]:
     student, teacher = build_resnet("resnet18").eval(), build_resnet("resnet50").eval()
     x = torch.randn(images, 3, size, size)
     with torch.no_grad():
-        s_feats, t_feats = FeatureTaps(student)(x), FeatureTaps(teacher)(x)
+        s_feats, t_feats = forward_with_stages(student, x)[1], forward_with_stages(teacher, x)[1]
     return [mgd.channel_cost(s, t).double() for s, t in zip(s_feats, t_feats)]
 
 

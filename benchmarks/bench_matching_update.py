@@ -3,7 +3,7 @@
 One update (what ``moco_mgd.training.engine.run_matching_update`` does):
 
     * collection: each rank feeds its shard of the N images through the ResNet-50 teacher and
-      the ResNet-18 student (``FeatureTaps``) and accumulates the channel costs
+      the ResNet-18 student (``forward_with_stages``) and accumulates the channel costs
       (``collect_matching_costs``);
     * solve + communication: ``MGDistiller.update_matching()`` all-reduces the costs, rank 0
       solves the four Hungarian assignments and broadcasts them.
@@ -39,7 +39,6 @@ import torch.multiprocessing as mp
 from moco_mgd.runtime import distributed
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
-from moco_mgd.models.taps import FeatureTaps
 
 
 def _cpu_model() -> str:
@@ -93,7 +92,6 @@ def _run(rank: int, world_size: int, device: torch.device, args: argparse.Namesp
     teacher.to(device, memory_format=memory_format)
     student.to(device, memory_format=memory_format)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    teacher_taps, student_taps = FeatureTaps(teacher), FeatureTaps(student)
     distiller = MGDistiller.from_models(teacher, student, reducer=args.reducer).to(device)
 
     shard = args.images // world_size  # this rank's images (a DistributedSampler shard)
@@ -105,7 +103,7 @@ def _run(rank: int, world_size: int, device: torch.device, args: argparse.Namesp
     def update(batch_list):
         _barrier(device)
         start = time.perf_counter()
-        seen = collect_matching_costs(distiller, student_taps, teacher_taps, batch_list,
+        seen = collect_matching_costs(distiller, student, teacher, batch_list,
                                       device=device, autocast_dtype=autocast_dtype)
         _barrier(device)
         collected = time.perf_counter()

@@ -28,11 +28,11 @@ import torch
 
 
 from moco_mgd.models.resnet import build_resnet
-from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 from moco_mgd.losses.embedding import EmbeddingDistiller
-from moco_mgd.training.engine import Distillation, training_step
+from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
+from moco_mgd.training.engine import training_step
 from moco_mgd.models.moco import MoCo
-from moco_mgd.models.taps import FeatureTaps
 from timing import current_rss_bytes, measure, peak_rss_bytes
 
 # (row name, MGD on, EmbeddingDistiller kwargs, student MLP hidden width): the training steps timed.
@@ -100,26 +100,25 @@ def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float
 
     name, use_mgd, embedding, hidden = STEPS[config]
     model = MoCo("resnet18", 128, 4096, mlp=True, mlp_hidden_dim=hidden).to(device, memory_format=memory_format)
-    distill = None if config == "moco" else Distillation(make_teacher(with_head=embedding is not None))
-    teacher = distill.teacher if distill is not None else None
+    teacher = None if config == "moco" else make_teacher(with_head=embedding is not None)
+    mgd = embedding_losses = None
     if use_mgd:
-        distill.student_taps, distill.teacher_taps = FeatureTaps(model.encoder_q), FeatureTaps(teacher)
-        distill.distiller = MGDistiller.from_models(teacher, model.encoder_q, reducer=args.reducer).to(device)
+        mgd = MGDistiller.from_models(teacher, model.encoder_q, reducer=args.reducer).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=gpu):
-            model.eval()
-            distill.distiller.accumulate(distill.student_taps(im_q), distill.teacher_taps(im_q))
-            model.train()
-        distill.distiller.update_matching()
+            collect_matching_costs(mgd, model.encoder_q, teacher, [im_q])
+        mgd.update_matching()
     if embedding:
-        distill.embedding = EmbeddingDistiller(128, 128, **embedding).to(device)
+        embedding_losses = EmbeddingDistiller(128, 128, **embedding).to(device)
+    distillation = Distillation(teacher, DistillationLoss(mgd, embedding_losses))
+    pretrain_model = PretrainModel(model, distillation.loss)
     params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if use_mgd:
-        params.append({"params": list(distill.distiller.parameters())})
+        params.append({"params": list(mgd.parameters())})
     optimizer = torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4)
     model.train()
 
     def step():
-        training_step(model, optimizer, im_q, im_k, distill, autocast_dtype=dtype)
+        training_step(pretrain_model, optimizer, im_q, im_k, distillation, autocast_dtype=dtype)
 
     seconds, peak_gpu = measure(step, device, args.warmup, args.iters)
     return name.format(reducer=args.reducer), seconds, peak_gpu, peak_rss_bytes(), rss_start, torch.get_num_threads()

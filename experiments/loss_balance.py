@@ -25,7 +25,7 @@ from moco_mgd.runtime.data import TwoCropsTransform, build_dataset, eval_transfo
 from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.models.moco import MoCo
-from moco_mgd.models.taps import FeatureTaps
+from moco_mgd.models.stages import forward_with_stages
 
 EMBEDDING = {"CCKD": {"cckd_weight": 1.0}, "DisCo": {"disco_weight": 1.0}, "SEED": {"seed_weight": 1.0}}
 
@@ -69,11 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
     if args.student_checkpoint:
         load_pretrained_backbone(model.encoder_q, args.arch, args.student_checkpoint, "--student-checkpoint")
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
-    student_taps, teacher_taps = FeatureTaps(model.encoder_q), FeatureTaps(teacher)
     mgd = MGDistiller.from_models(teacher, model.encoder_q, reducer=args.mgd_reducer, loss_factor=args.mgd_loss_factor)
     images = build_dataset(args.dataset, args.data, "train", eval_transform(args.image_size))
     matching = torch.utils.data.DataLoader(random_subset(images, args.mgd_samples, args.seed), args.batch_size)
-    collect_matching_costs(mgd, student_taps, teacher_taps, matching)
+    collect_matching_costs(mgd, model.encoder_q, teacher, matching)
     mgd.update_matching()
     pairs = build_dataset(args.dataset, args.data, "train", TwoCropsTransform(pretrain_transform(args.image_size)))
     loader = torch.utils.data.DataLoader(pairs, args.batch_size, shuffle=True, drop_last=True)
@@ -84,11 +83,12 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
     for i, ((im_q, im_k), _) in enumerate(loader):
         if i == args.batches:
             break
-        logits, labels, q = model(im_q, im_k)[:3]
+        out = model(im_q, im_k, with_stages=True)
+        logits, labels, q = out.logits, out.labels, out.query
         with torch.no_grad():
-            teacher_out = teacher(im_q)
+            teacher_out, teacher_stages = forward_with_stages(teacher, im_q)
         losses = {"InfoNCE": nn.functional.cross_entropy(logits, labels)}
-        losses[f"MGD (factor {args.mgd_loss_factor:g})"], per_stage = mgd(student_taps.pop(), teacher_taps.pop())
+        losses[f"MGD (factor {args.mgd_loss_factor:g})"], per_stage = mgd(out.query_stages, teacher_stages)
         for name, settings in EMBEDDING.items():
             losses[name] = EmbeddingDistiller(128, 128, seed_queue=args.moco_k, **settings)(q, teacher_out)[0]
         for name, loss in losses.items():

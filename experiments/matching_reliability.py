@@ -23,7 +23,7 @@ from moco_mgd.losses import mgd
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, load_frozen_teacher, load_pretrained_backbone
 from moco_mgd.runtime.data import build_dataset, eval_transform, random_subset
 from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
-from moco_mgd.models.taps import STAGES, FeatureTaps
+from moco_mgd.models.stages import STAGES, forward_with_stages
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,10 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def summed_costs(distiller: MGDistiller, student_taps: FeatureTaps, teacher_taps: FeatureTaps, images,
+def summed_costs(distiller: MGDistiller, student: torch.nn.Module, teacher: torch.nn.Module, images,
                  batch_size: int) -> list[torch.Tensor]:
     """Each stage's ``[Cs, Ct]`` channel cost (Eq. 6, cosine form), summed over ``images``, in float64."""
-    collect_matching_costs(distiller, student_taps, teacher_taps, torch.utils.data.DataLoader(images, batch_size))
+    collect_matching_costs(distiller, student, teacher, torch.utils.data.DataLoader(images, batch_size))
     return distiller.accumulated_costs()
 
 
@@ -60,15 +60,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.student_checkpoint:
         load_pretrained_backbone(student, args.arch, args.student_checkpoint, "--student-checkpoint")
     student.eval()    # as a matching update runs the networks
-    student_taps, teacher_taps = FeatureTaps(student), FeatureTaps(teacher)
     distiller = MGDistiller.from_models(teacher, student)
     images = random_subset(build_dataset(args.dataset, args.data, "train", eval_transform(args.image_size)),
                            args.images, args.seed)
     half = args.images // 2
     halves = [torch.utils.data.Subset(images, range(half)), torch.utils.data.Subset(images, range(half, 2 * half))]
-    first, second = (summed_costs(distiller, student_taps, teacher_taps, h, args.batch_size) for h in halves)
+    first, second = (summed_costs(distiller, student, teacher, h, args.batch_size) for h in halves)
     with torch.no_grad():
-        sizes = [f.shape[-1] for f in student_taps(images[0][0].unsqueeze(0))]
+        sizes = [f.shape[-1] for f in forward_with_stages(student, images[0][0].unsqueeze(0))[1]]
     rows = []
     for stage, size, cost_a, cost_b in zip(STAGES, sizes, first, second):
         a, b = mgd.balanced_assignment(cost_a), mgd.balanced_assignment(cost_b)

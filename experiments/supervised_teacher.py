@@ -34,7 +34,7 @@ from torchvision import transforms
 from moco_mgd.runtime import checkpoint as ckpt
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet
 from moco_mgd.runtime.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset, random_subset
-from moco_mgd.training.engine import set_learning_rate
+from moco_mgd.training.schedules import set_learning_rate
 from moco_mgd.runtime.logs import MetricsLog, setup_logging
 
 logger = logging.getLogger("moco_mgd")

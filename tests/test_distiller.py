@@ -6,7 +6,7 @@ from moco_mgd.runtime import distributed
 from moco_mgd.losses import mgd
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
-from moco_mgd.models.taps import FeatureTaps
+from moco_mgd.models.stages import forward_with_stages
 from tests.helpers import randomize_bn, run_distributed
 
 
@@ -14,7 +14,11 @@ def _pair(student_arch="resnet18", teacher_arch="resnet50", seed=0):
     torch.manual_seed(seed)
     teacher = randomize_bn(build_resnet(teacher_arch), seed).eval().requires_grad_(False)
     student = build_resnet(student_arch)
-    return teacher, student, FeatureTaps(teacher), FeatureTaps(student)
+    return teacher, student
+
+
+def _stages(network, x):
+    return forward_with_stages(network, x)[1]
 
 
 def _images(n, seed=1, size=32):
@@ -22,22 +26,22 @@ def _images(n, seed=1, size=32):
 
 
 def _matched(reducer="amp", **kwargs):
-    teacher, student, t_taps, s_taps = _pair()
+    teacher, student = _pair()
     distiller = MGDistiller.from_models(teacher, student, reducer=reducer, **kwargs)
-    collect_matching_costs(distiller, s_taps, t_taps, _images(8).split(4))
+    collect_matching_costs(distiller, student, teacher, _images(8).split(4))
     distiller.update_matching()
-    return distiller, teacher, student, t_taps, s_taps
+    return distiller, teacher, student
 
 
 def test_matching_is_the_balanced_assignment_of_the_summed_costs():
-    teacher, student, t_taps, s_taps = _pair()
+    teacher, student = _pair()
     distiller = MGDistiller.from_models(teacher, student)
     batches = _images(8).split(4)
-    assert collect_matching_costs(distiller, s_taps, t_taps, batches) == 8
+    assert collect_matching_costs(distiller, student, teacher, batches) == 8
     reports = distiller.update_matching()
     student.eval()
     with torch.no_grad():
-        feats = [(s_taps(b), t_taps(b)) for b in batches]
+        feats = [(_stages(student, b), _stages(teacher, b)) for b in batches]
     for i, assignment in enumerate(distiller.assignments()):
         cost = sum(mgd.channel_cost(s[i], t[i]).double() for s, t in feats)
         assert torch.equal(assignment, mgd.balanced_assignment(cost))
@@ -46,14 +50,14 @@ def test_matching_is_the_balanced_assignment_of_the_summed_costs():
 
 
 def test_accumulated_costs_are_the_summed_channel_costs_and_a_copy():
-    teacher, student, t_taps, s_taps = _pair()
+    teacher, student = _pair()
     distiller = MGDistiller.from_models(teacher, student)
     batches = _images(8).split(4)
-    collect_matching_costs(distiller, s_taps, t_taps, batches)
+    collect_matching_costs(distiller, student, teacher, batches)
     costs = distiller.accumulated_costs()
     student.eval()  # as collect_matching_costs ran it
     with torch.no_grad():
-        feats = [(s_taps(b), t_taps(b)) for b in batches]
+        feats = [(_stages(student, b), _stages(teacher, b)) for b in batches]
     for i, cost in enumerate(costs):
         assert cost.dtype == torch.float64
         assert torch.equal(cost, sum(mgd.channel_cost(s[i], t[i]).double() for s, t in feats))
@@ -71,30 +75,29 @@ def test_sparse_reducer_uses_one_to_one_matching():
 
 
 def test_a_second_update_on_the_same_images_changes_nothing():
-    distiller, teacher, student, t_taps, s_taps = _matched()
-    collect_matching_costs(distiller, s_taps, t_taps, _images(8).split(4))
+    distiller, teacher, student = _matched()
+    collect_matching_costs(distiller, student, teacher, _images(8).split(4))
     assert [r.changed for r in distiller.update_matching()] == [0, 0, 0, 0]
     assert int(distiller.num_matchings) == 2
 
 
 def test_collect_respects_max_images_and_restores_train_mode():
-    teacher, student, t_taps, s_taps = _pair()
+    teacher, student = _pair()
     distiller = MGDistiller.from_models(teacher, student)
     student.train()
-    assert collect_matching_costs(distiller, s_taps, t_taps, [(_images(4), None)] * 3, max_images=6) == 6
+    assert collect_matching_costs(distiller, student, teacher, [(_images(4), None)] * 3, max_images=6) == 6
     assert student.training
     assert distiller.update_matching()[0].num_images == 6
 
 
 @pytest.mark.parametrize("reducer", ["amp", "max", "avg", "sm"])
 def test_loss_is_the_weighted_partial_l2_of_the_reduced_teacher(reducer):
-    distiller, teacher, student, t_taps, s_taps = _matched(reducer=reducer, loss_factor=100.0)
+    distiller, teacher, student = _matched(reducer=reducer, loss_factor=100.0)
     x = _images(4, seed=5)
     student.train()
-    student(x)
-    s_feats = s_taps.pop()
+    s_feats = _stages(student, x)
     with torch.no_grad():
-        t_feats = t_taps(x)
+        t_feats = _stages(teacher, x)
     loss, per_stage = distiller(s_feats, t_feats)
     expected = []
     for i, (s, t) in enumerate(zip(s_feats, t_feats)):
@@ -112,13 +115,13 @@ def test_loss_is_the_weighted_partial_l2_of_the_reduced_teacher(reducer):
 
 
 def test_gradients_reach_the_student_and_its_bns_never_the_teacher():
-    distiller, teacher, student, t_taps, s_taps = _matched()
+    distiller, teacher, student = _matched()
     x = _images(4, seed=6)
     student.train()
-    student(x)
+    s_feats = _stages(student, x)
     with torch.no_grad():
-        t_feats = t_taps(x)
-    loss, _ = distiller(s_taps.pop(), t_feats)
+        t_feats = _stages(teacher, x)
+    loss, _ = distiller(s_feats, t_feats)
     loss.backward()
     assert student.layer4[-1].conv2.weight.grad.abs().sum() > 0
     assert student.conv1.weight.grad.abs().sum() > 0
@@ -127,7 +130,7 @@ def test_gradients_reach_the_student_and_its_bns_never_the_teacher():
 
 
 def test_state_dict_restores_assignments_margins_and_bns_exactly():
-    distiller, teacher, student, t_taps, s_taps = _matched(reducer="rd")
+    distiller, teacher, student = _matched(reducer="rd")
     with torch.no_grad():
         for bn in distiller.student_bns:
             bn.weight.uniform_(0.5, 1.5)
@@ -140,7 +143,7 @@ def test_state_dict_restores_assignments_margins_and_bns_exactly():
     x = _images(2, seed=7)
     with torch.no_grad():
         student.eval()
-        s_feats, t_feats = s_taps(x), t_taps(x)
+        s_feats, t_feats = _stages(student, x), _stages(teacher, x)
     losses = [d.eval()(s_feats, t_feats, generator=torch.Generator().manual_seed(3))[0]
               for d in (distiller, restored)]
     assert torch.equal(losses[0], losses[1])
@@ -163,19 +166,19 @@ def test_update_before_any_image_is_refused():
 
 
 def test_loss_before_any_matching_is_refused():
-    teacher, student, t_taps, s_taps = _pair()
+    teacher, student = _pair()
     distiller = MGDistiller.from_models(teacher, student)
     x = _images(2)
     with pytest.raises(RuntimeError, match="no matching yet"):
-        distiller(s_taps(x), t_taps(x))
+        distiller(_stages(student, x), _stages(teacher, x))
 
 
 def test_features_of_different_spatial_size_are_refused():
-    teacher, student, t_taps, s_taps = _pair()
+    teacher, student = _pair()
     distiller = MGDistiller.from_models(teacher, student)
     with torch.no_grad():
         student.eval()
-        s_feats, t_feats = s_taps(_images(2, size=32)), t_taps(_images(2, size=64))
+        s_feats, t_feats = _stages(student, _images(2, size=32)), _stages(teacher, _images(2, size=64))
     with pytest.raises(ValueError, match="stage layer1: student features are \\(8, 8\\) but teacher features are \\(16, 16\\)"):
         distiller.accumulate(s_feats, t_feats)
 
@@ -183,10 +186,10 @@ def test_features_of_different_spatial_size_are_refused():
 # --- distributed statistics --------------------------------------------------------
 
 def _sharded_matching(rank, world_size, out_dir):
-    teacher, student, t_taps, s_taps = _pair()
+    teacher, student = _pair()
     distiller = MGDistiller.from_models(teacher, student)
     shard = _images(8).split(4)[rank]            # each rank sees only its half
-    assert collect_matching_costs(distiller, s_taps, t_taps, [shard]) == 4
+    assert collect_matching_costs(distiller, student, teacher, [shard]) == 4
     reports = distiller.update_matching()
     torch.save({"assignments": distiller.assignments(), "images": reports[0].num_images,
                 "world_size": distributed.get_world_size()}, f"{out_dir}/rank{rank}.pt")
@@ -194,9 +197,9 @@ def _sharded_matching(rank, world_size, out_dir):
 
 def test_sharded_statistics_give_the_single_process_assignment(tmp_path):
     run_distributed(_sharded_matching, 2, str(tmp_path))
-    teacher, student, t_taps, s_taps = _pair()
+    teacher, student = _pair()
     single = MGDistiller.from_models(teacher, student)
-    collect_matching_costs(single, s_taps, t_taps, _images(8).split(4))
+    collect_matching_costs(single, student, teacher, _images(8).split(4))
     single.update_matching()
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

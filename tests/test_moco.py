@@ -174,27 +174,27 @@ def test_embedding_bn_centres_the_embedding_and_keeps_moco_key_names():
         _moco(embedding_bn=True)
 
 
-def test_queries_on_both_views_leave_the_query_view_in_the_feature_taps():
-    from moco_mgd.models.taps import FeatureTaps
+def test_forward_returns_the_query_views_stage_features_and_the_key_view_query_as_values():
+    from moco_mgd.models.stages import forward_with_stages
 
     model = _moco(mlp=True)
     model.train()
-    taps = FeatureTaps(model.encoder_q)
     im_q, im_k = _images(4, 1), _images(4, 2)
-    logits, labels, q, _, q_key_view = model(im_q, im_k, query_on_key_view=True)
-    recorded = taps.pop()
+    out = model(im_q, im_k, query_on_key_view=True, with_stages=True)
     with torch.no_grad():  # train-mode BN uses the batch statistics: the same input gives the same output
-        expected_q = model.encoder_q(im_q)
-        expected_features = taps.pop()
+        expected_q, expected_stages = forward_with_stages(model.encoder_q, im_q)
         expected_q_key_view = model.encoder_q(im_k)
-    torch.testing.assert_close(q.detach(), expected_q)
-    torch.testing.assert_close(q_key_view.detach(), expected_q_key_view)
-    for got, expected in zip(recorded, expected_features):   # MGD reads the query view, not the key view
+    torch.testing.assert_close(out.query.detach(), expected_q)
+    torch.testing.assert_close(out.query_key_view.detach(), expected_q_key_view)
+    assert len(out.query_stages) == 4
+    for got, expected in zip(out.query_stages, expected_stages):   # MGD reads the query view, not the key view
         torch.testing.assert_close(got.detach(), expected)
-    assert q.requires_grad and q_key_view.requires_grad
+        assert got.requires_grad
+    assert out.query.requires_grad and out.query_key_view.requires_grad
     # The InfoNCE positives are the normalised q against the keys.
-    assert logits.shape == (4, 1 + K) and labels.tolist() == [0] * 4
-    assert model(im_q, im_k).query_key_view is None
+    assert out.logits.shape == (4, 1 + K) and out.labels.tolist() == [0] * 4
+    plain = model(im_q, im_k)
+    assert plain.query_key_view is None and plain.query_stages is None
 
 
 def test_small_stem():

@@ -7,7 +7,7 @@ import torch.nn as nn
 from moco_mgd.losses import mgd
 from moco_mgd.models.resnet import backbone_state_dict, build_resnet, load_frozen_teacher
 from moco_mgd.losses.mgd_distiller import MGDistiller
-from moco_mgd.models.taps import pre_relu_bns
+from moco_mgd.models.stages import pre_relu_bns
 from tests.helpers import moco_v2_checkpoint
 
 

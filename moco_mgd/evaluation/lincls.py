@@ -29,7 +29,7 @@ from moco_mgd.models.resnet import build_resnet, load_checkpoint_file, load_pret
 from moco_mgd.runtime.checkpoint import check_writable, save_checkpoint, with_module_prefix
 from moco_mgd.runtime.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform,
                            random_subset)
-from moco_mgd.training.engine import learning_rate, set_learning_rate
+from moco_mgd.training.schedules import learning_rate, set_learning_rate
 from moco_mgd.evaluation.features import extract_features
 from moco_mgd.runtime.flag_checks import check_numbers, training_rules
 from moco_mgd.runtime.launch import DistEnv, per_process_batch

@@ -2,15 +2,16 @@
 
 It owns what MGD adds to a training run (paper section 3.4): per stage, the teacher's
 margins, the current assignment, and a BatchNorm on the student feature (as the authors'
-code has). It owns neither network: features come from :class:`moco_mgd.models.taps.FeatureTaps`,
-so the teacher stays out of DDP and out of the student's checkpoint.
+code has). It owns neither network: the stage features are what
+:func:`moco_mgd.models.stages.forward_with_stages` returns, so the teacher stays out of DDP
+and out of the student's checkpoint.
 
 Coordinate descent::
 
     distiller = MGDistiller.from_models(teacher, student_encoder)
-    collect_matching_costs(distiller, student_taps, teacher_taps, loader, max_images)
+    collect_matching_costs(distiller, student, teacher, loader, max_images)
     distiller.update_matching()              # solve Eq. 9 on every stage
-    ... train: loss = task_loss + distiller(student_taps.pop(), teacher_feats)[0] ...
+    ... train: loss = task_loss + distiller(student_stages, teacher_stages)[0] ...
     (re-collect and update on the matching schedule)
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn as nn
 from moco_mgd.runtime import distributed
 
 from moco_mgd.losses import mgd
-from moco_mgd.models.taps import STAGES, FeatureTaps, pre_relu_bns, stage_channels
+from moco_mgd.models.stages import STAGES, forward_with_stages, pre_relu_bns, stage_channels
 
 __all__ = ["DEFAULT_STAGE_WEIGHTS", "StageMatching", "MGDistiller", "collect_matching_costs"]
 
@@ -119,8 +120,13 @@ class MGDistiller(nn.Module):
     @classmethod
     def from_models(cls, teacher: nn.Module, student: nn.Module, **kwargs) -> MGDistiller:
         """Build from a loaded teacher (margins from its trained BNs) and a student ResNet."""
+        return cls.from_teacher(teacher, stage_channels(student), **kwargs)
+
+    @classmethod
+    def from_teacher(cls, teacher: nn.Module, student_channels: Sequence[int], **kwargs) -> MGDistiller:
+        """Build from a loaded teacher and the student's stage widths (no student network needed)."""
         margins = [mgd.bn_margin(bn) for bn in pre_relu_bns(teacher)]
-        return cls(stage_channels(student), stage_channels(teacher), margins, **kwargs)
+        return cls(student_channels, stage_channels(teacher), margins, **kwargs)
 
     # --- matching ----------------------------------------------------------------------
 
@@ -266,8 +272,8 @@ class MGDistiller(nn.Module):
 @torch.no_grad()
 def collect_matching_costs(
     distiller: MGDistiller,
-    student_taps: FeatureTaps,
-    teacher_taps: FeatureTaps,
+    student: nn.Module,
+    teacher: nn.Module,
     batches: Iterable,
     max_images: int | None = None,
     device: torch.device | str | None = None,
@@ -288,7 +294,6 @@ def collect_matching_costs(
     Returns:
         The number of images this rank accumulated.
     """
-    student, teacher = student_taps.model, teacher_taps.model
     device = torch.device(device) if device is not None else next(student.parameters()).device
     was_training = student.training
     student.eval()
@@ -304,11 +309,10 @@ def collect_matching_costs(
                 images = images[: max_images - seen]
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                student_feats, teacher_feats = student_taps(images), teacher_taps(images)
-            distiller.accumulate(student_feats, teacher_feats)
+                student_stages = forward_with_stages(student, images)[1]
+                teacher_stages = forward_with_stages(teacher, images)[1]
+            distiller.accumulate(student_stages, teacher_stages)
             seen += images.shape[0]
     finally:
         student.train(was_training)
-        student_taps.clear()
-        teacher_taps.clear()
     return seen

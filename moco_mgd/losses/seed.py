@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_mgd.models.moco import dequeue_and_enqueue_
+from moco_mgd.models.queue import dequeue_and_enqueue_
 
 __all__ = ["similarity_distribution_loss", "TeacherEmbeddingQueue"]
 

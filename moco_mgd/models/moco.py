@@ -13,10 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_mgd.runtime import distributed
+from moco_mgd.models.queue import dequeue_and_enqueue_
 from moco_mgd.models.resnet import apply_small_stem, build_resnet
+from moco_mgd.models.stages import forward_with_stages
+from moco_mgd.runtime import distributed
 
-__all__ = ["MoCo", "MoCoOutput", "apply_small_stem", "contrastive_diagnostics", "dequeue_and_enqueue_"]
+__all__ = ["MoCo", "MoCoOutput", "apply_small_stem", "contrastive_diagnostics"]
 
 
 def _mlp_head(fc: nn.Linear, hidden_dim: int | None = None, embedding_bn: bool = False) -> nn.Sequential:
@@ -38,26 +40,6 @@ def _mlp_head(fc: nn.Linear, hidden_dim: int | None = None, embedding_bn: bool =
     return nn.Sequential(*layers)
 
 
-@torch.no_grad()
-def dequeue_and_enqueue_(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: torch.Tensor) -> None:
-    """Write ``keys`` of every rank (in rank order) over the oldest columns of ``queue``, in place.
-
-    Args:
-        queue: ``[C, K]`` keys as columns.
-        queue_ptr: ``LongTensor[1]``, the column where the next batch goes; advanced here.
-        keys: ``[N, C]`` this rank's keys (every rank passes the same N).
-    """
-    keys = distributed.all_gather_cat(keys)  # keys: (world*N)xC, identical on every rank
-    batch_size, size = keys.shape[0], queue.shape[1]
-    if size % batch_size:
-        raise ValueError(f"the queue size K={size} must be divisible by the global batch size "
-                         f"{batch_size}: the queue is filled in whole batches")
-    ptr = int(queue_ptr)
-    # Whole batches and K % batch == 0, so a batch never straddles the end of the queue.
-    queue[:, ptr:ptr + batch_size] = keys.T  # queue[:, ptr:ptr+B]: CxB
-    queue_ptr[0] = (ptr + batch_size) % size
-
-
 class MoCoOutput(NamedTuple):
     """What one MoCo forward computed, for the losses and the diagnostics of the step.
 
@@ -65,6 +47,8 @@ class MoCoOutput(NamedTuple):
     zeros; ``query``: the query encoder's output on ``im_q`` (NxC, before normalisation,
     with gradient); ``key``: the normalised keys of this rank's images (NxC, no gradient);
     ``query_key_view``: the query encoder's output on ``im_k`` (with gradient) when asked
+    for, else None; ``query_stages``: the query encoder's four pre-ReLU stage features on
+    ``im_q`` (:func:`moco_mgd.models.stages.forward_with_stages`, with gradient) when asked
     for, else None.
     """
 
@@ -73,6 +57,7 @@ class MoCoOutput(NamedTuple):
     query: torch.Tensor
     key: torch.Tensor
     query_key_view: torch.Tensor | None = None
+    query_stages: list[torch.Tensor] | None = None
 
 
 class MoCo(nn.Module):
@@ -225,20 +210,25 @@ class MoCo(nn.Module):
         return self._batch_unshuffle_single(k, idx_unshuffle)
 
     # ---- InfoNCE logits -----------------------------------------------------------------
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, query_on_key_view: bool = False) -> MoCoOutput:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, query_on_key_view: bool = False,
+                with_stages: bool = False) -> MoCoOutput:
         """Args: two augmented views (NxCxHxW each). Returns a :class:`MoCoOutput`.
 
         Also updates the key encoder and the queue. ``query_on_key_view`` adds a second
-        query-encoder forward with gradient on ``im_k`` (DisCo's two-view loss). Going
-        through this forward (not calling ``encoder_q`` from outside) keeps DDP's gradient
+        query-encoder forward with gradient on ``im_k`` (DisCo's two-view loss);
+        ``with_stages`` returns the query view's stage features (MGD). Going through this
+        forward (not calling ``encoder_q`` from outside) keeps DDP's gradient
         synchronisation in charge.
         """
         q_key_view = None
         if query_on_key_view:
-            # Before the query view on purpose: feature taps keep the latest forward of
-            # encoder_q, and MGD must read the query view.
+            # Before the query view: the order of the two forwards decides the BN running
+            # statistics of encoder_q, and this is the order every checkpoint so far was made with.
             q_key_view = self.encoder_q(im_k)
-        q_raw = self.encoder_q(im_q)  # q_raw: NxC
+        if with_stages:
+            q_raw, q_stages = forward_with_stages(self.encoder_q, im_q)  # q_raw: NxC
+        else:
+            q_raw, q_stages = self.encoder_q(im_q), None
         q = F.normalize(q_raw, dim=1)
 
         with torch.no_grad():  # no gradient to the keys: the key encoder is not trained by SGD
@@ -257,7 +247,7 @@ class MoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives: column 0
 
         self._dequeue_and_enqueue(k)
-        return MoCoOutput(logits, labels, q_raw, k, q_key_view)
+        return MoCoOutput(logits, labels, q_raw, k, q_key_view, q_stages)
 
 
 @torch.no_grad()

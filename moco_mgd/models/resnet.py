@@ -32,12 +32,26 @@ __all__ = [
     "head_dim",
     "load_frozen_backbone",
     "load_frozen_teacher",
+    "arch_stage_channels",
 ]
 
 RESNET_ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
 )
+
+# Stage output widths of torchvision's ResNets: 64, 128, 256, 512 times the block's expansion
+# (1 for BasicBlock, 4 for Bottleneck; ResNeXt and wide ResNets widen only inside the block).
+_BASIC_BLOCK_ARCHS = ("resnet18", "resnet34")
+
+
+def arch_stage_channels(arch: str) -> list[int]:
+    """Channels of the four stage features of ``arch``, without building the network."""
+    if arch not in RESNET_ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(RESNET_ARCHS)}")
+    expansion = 1 if arch in _BASIC_BLOCK_ARCHS else 4
+    return [width * expansion for width in (64, 128, 256, 512)]
+
 
 # Key prefixes of a query encoder, most specific first.
 _ENCODER_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.",

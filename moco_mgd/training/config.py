@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from moco_mgd.runtime import checkpoint as ckpt
-from moco_mgd.models.resnet import head_dim, load_checkpoint_file, load_frozen_teacher
-from moco_mgd.runtime.data import build_dataset, check_same_classes
-from moco_mgd.losses.mgd_distiller import MGDistiller
 from moco_mgd.losses.embedding import EmbeddingDistiller
-from moco_mgd.training.engine import matching_epochs
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.models.moco import MoCo
+from moco_mgd.models.resnet import arch_stage_channels, head_dim, load_checkpoint_file, load_frozen_teacher
+from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.runtime.data import build_dataset, check_same_classes
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import per_process_batch
-from moco_mgd.models.moco import MoCo
+from moco_mgd.training.schedules import matching_epochs
 
 __all__ = ["PretrainConfig", "validate", "check_resume", "build_moco", "build_embedding_distiller"]
 
@@ -162,8 +162,7 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem,
                                       with_head=config.use_embedding_losses)
         if config.use_mgd:
-            MGDistiller.from_models(teacher, MoCo(config.arch, dim=config.moco_dim, K=global_batch,
-                                                  stem=config.stem).encoder_q)
+            MGDistiller.from_teacher(teacher, arch_stage_channels(config.arch))
         if config.use_embedding_losses:
             build_embedding_distiller(config, teacher)
     resume = config.resume or ckpt.latest_checkpoint(config.output_dir)

@@ -1,0 +1,226 @@
+"""What a pretraining run learns from a frozen teacher, as one object that is always there.
+
+:class:`Distillation` holds the teacher (outside DDP: it does not train), the losses (a module
+that goes *inside* the one DDP-wrapped :class:`PretrainModel`, because MGD's student BNs train)
+and MGD's matching schedule. With distillation off it has no teacher, adds no loss, keeps an
+empty state and never matches, so the training loop has no case of its own for it.
+
+One training step, as values::
+
+    targets = distillation.teacher_targets(im_q, im_k)      # no grad; None when off
+    losses = ddp_model(im_q, im_k, targets)                 # MoCo forward, InfoNCE, + MGD, + embedding losses
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from moco_mgd.losses.embedding import EmbeddingDistiller
+from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.models.moco import MoCo, MoCoOutput
+from moco_mgd.models.resnet import load_frozen_teacher, resnet_trunk
+from moco_mgd.models.stages import forward_with_stages
+from moco_mgd.runtime.logs import MetricsLog
+from moco_mgd.training.config import PretrainConfig, build_embedding_distiller
+from moco_mgd.training.schedules import matching_epochs
+
+__all__ = ["TeacherTargets", "StepLosses", "DistillationLoss", "PretrainModel", "Distillation"]
+
+logger = logging.getLogger("moco_mgd")
+
+
+class TeacherTargets(NamedTuple):
+    """The frozen teacher's forward on one batch.
+
+    ``output``: its output on the query view (the embedding, when it kept its MoCo-v2 head);
+    ``stages``: its four pre-ReLU stage features on the query view, with MGD, else None;
+    ``key_view_output``: its output on the key view, for DisCo on both views, else None.
+    """
+
+    output: torch.Tensor
+    stages: list[torch.Tensor] | None = None
+    key_view_output: torch.Tensor | None = None
+
+
+class StepLosses(NamedTuple):
+    """What :class:`PretrainModel` computed for one batch (the loss with gradient, the rest as parts)."""
+
+    loss: torch.Tensor
+    infonce: torch.Tensor
+    moco: MoCoOutput
+    mgd: torch.Tensor | None = None            # MGD's loss (with gradient), when on
+    mgd_per_stage: torch.Tensor | None = None  # its weighted loss per stage (detached)
+    embedding: dict[str, torch.Tensor] = {}    # each embedding loss unweighted (detached)
+
+
+class DistillationLoss(nn.Module):
+    """The losses added to InfoNCE: MGD on the stage features, the embedding losses on the query embedding.
+
+    Either may be None; with both None the module adds nothing.
+    """
+
+    def __init__(self, mgd: MGDistiller | None = None, embedding: EmbeddingDistiller | None = None):
+        super().__init__()
+        self.mgd = mgd
+        self.embedding = embedding
+
+    @property
+    def needs_stages(self) -> bool:
+        return self.mgd is not None
+
+    @property
+    def needs_key_view(self) -> bool:
+        return self.embedding is not None and self.embedding.needs_key_view
+
+    def forward(self, moco: MoCoOutput, targets: TeacherTargets | None, infonce: torch.Tensor) -> StepLosses:
+        loss, mgd_loss, per_stage, parts = infonce, None, None, {}
+        if self.mgd is not None:
+            mgd_loss, per_stage = self.mgd(moco.query_stages, targets.stages)
+            loss = loss + mgd_loss
+        if self.embedding is not None:
+            embedding_loss, parts = self.embedding(moco.query, targets.output, moco.query_key_view,
+                                                   targets.key_view_output)
+            loss = loss + embedding_loss
+        return StepLosses(loss, infonce, moco, mgd_loss, per_stage, parts)
+
+
+class PretrainModel(nn.Module):
+    """Everything that trains, in one module for one DDP wrapper: MoCo and the distillation losses.
+
+    ``forward(im_q, im_k, targets)`` runs MoCo (with the query view's stage features when MGD is
+    on, and the query encoder on the key view when DisCo needs it), InfoNCE, and the losses of
+    ``distillation_loss``, and returns :class:`StepLosses`. The checkpoint keeps MoCo's layout:
+    save ``moco.state_dict()``, not this module's.
+    """
+
+    def __init__(self, moco: MoCo, distillation_loss: DistillationLoss):
+        super().__init__()
+        self.moco = moco
+        self.distillation_loss = distillation_loss
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, targets: TeacherTargets | None) -> StepLosses:
+        loss_module = self.distillation_loss
+        moco = self.moco(im_q, im_k, query_on_key_view=loss_module.needs_key_view,
+                         with_stages=loss_module.needs_stages)
+        infonce = nn.functional.cross_entropy(moco.logits.float(), moco.labels)
+        return loss_module(moco, targets, infonce)
+
+
+class Distillation:
+    """The teacher, the distillation losses and MGD's matching schedule of one run (see the module doc).
+
+    Args:
+        teacher: the frozen teacher, or None (distillation off).
+        loss: the losses; :class:`DistillationLoss` with nothing in it when off.
+        match_epochs: epochs after which MGD's matching is re-solved (0: before training).
+        fixed_matching: MGD without matching (``--mgd-schedule none``): channels assigned in order.
+    """
+
+    def __init__(self, teacher: nn.Module | None = None, loss: DistillationLoss | None = None,
+                 match_epochs: Iterable[int] = (), fixed_matching: bool = False):
+        self.teacher = teacher
+        self.loss = loss if loss is not None else DistillationLoss()
+        self.match_epochs = list(match_epochs)
+        self.fixed_matching = fixed_matching
+        if teacher is None and (self.loss.mgd is not None or self.loss.embedding is not None):
+            raise ValueError("distillation losses need a teacher")
+
+    @classmethod
+    def from_config(cls, config: PretrainConfig, student: nn.Module, device: torch.device,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> Distillation:
+        """The distillation ``config`` asks for, toward ``student`` (MoCo's query encoder); off without a teacher."""
+        if not config.use_teacher:
+            return cls()
+        teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem,
+                                      with_head=config.use_embedding_losses)
+        teacher = teacher.to(device, memory_format=memory_format)
+        mgd = embedding = None
+        if config.use_mgd:
+            mgd = MGDistiller.from_models(teacher, student, reducer=config.mgd_reducer,
+                                          loss_factor=config.mgd_loss_factor).to(device)
+        if config.use_embedding_losses:
+            embedding = build_embedding_distiller(config, teacher).to(device)
+        return cls(teacher, DistillationLoss(mgd, embedding), matching_epochs(config.mgd_schedule, config.epochs),
+                   fixed_matching=config.mgd_schedule.strip() == "none")
+
+    @property
+    def mgd(self) -> MGDistiller | None:
+        return self.loss.mgd
+
+    @property
+    def embedding(self) -> EmbeddingDistiller | None:
+        return self.loss.embedding
+
+    def describe(self, teacher_arch: str) -> str:
+        """For the run's first log line."""
+        mgd = f"from {teacher_arch} {self.mgd.reducer}" if self.mgd is not None else "off"
+        embedding = ", ".join(self.embedding.active) if self.embedding is not None else "off"
+        return f"MGD {mgd}; embedding losses {embedding}"
+
+    @torch.no_grad()
+    def teacher_targets(self, im_q: torch.Tensor, im_k: torch.Tensor) -> TeacherTargets | None:
+        """The teacher's forward on this batch: what the losses compare the student with (None when off)."""
+        if self.teacher is None:
+            return None
+        if self.loss.needs_stages:
+            output, stages = forward_with_stages(self.teacher, im_q)
+        else:
+            output, stages = self.teacher(im_q), None
+        key_view_output = self.teacher(im_k) if self.loss.needs_key_view else None  # DisCo's extra pass
+        return TeacherTargets(output, stages, key_view_output)
+
+    def teacher_trunk(self) -> nn.Module | None:
+        """The teacher without its head, for the kNN reference line (None when off)."""
+        return resnet_trunk(self.teacher) if self.teacher is not None else None
+
+    # ---- checkpointed state: the checkpoint's "mgd" and "embedding" entries --------------
+    def state_dict(self) -> dict:
+        return {"mgd": self.mgd.state_dict() if self.mgd is not None else None,
+                "embedding": self.embedding.state_dict() if self.embedding is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mgd is not None:
+            self.mgd.load_state_dict(state["mgd"])
+        if self.embedding is not None and state.get("embedding"):
+            self.embedding.load_state_dict(state["embedding"])
+
+    # ---- MGD's matching schedule: coordinate descent between training epochs -------------
+    def prepare(self, student: nn.Module, loader: Iterable | None, device: torch.device,
+                autocast_dtype: torch.dtype | None, metrics: MetricsLog | None = None) -> None:
+        """Before the first epoch of a new run: the first matching (or the fixed one)."""
+        if self.mgd is None or self.mgd.is_matched:
+            return
+        if self.fixed_matching:
+            self.mgd.set_fixed_matching()
+            logger.info("--mgd-schedule none: teacher channels assigned in order, never matched")
+        else:
+            self._update_matching(student, loader, device, autocast_dtype, 0, metrics)
+
+    def after_epoch(self, epochs_done: int, student: nn.Module, loader: Iterable | None, device: torch.device,
+                    autocast_dtype: torch.dtype | None, metrics: MetricsLog | None = None) -> None:
+        """Re-solve the matching when the schedule says so after ``epochs_done`` epochs."""
+        if self.mgd is not None and epochs_done in self.match_epochs:
+            self._update_matching(student, loader, device, autocast_dtype, epochs_done, metrics)
+
+    def _update_matching(self, student: nn.Module, loader: Iterable, device: torch.device,
+                         autocast_dtype: torch.dtype | None, epoch: int, metrics: MetricsLog | None) -> None:
+        """One coordinate-descent matching step: statistics on this rank's shard, then solve."""
+        start = time.perf_counter()
+        mgd = self.mgd
+        seen = collect_matching_costs(mgd, student, self.teacher, loader, device=device,
+                                      autocast_dtype=autocast_dtype)
+        reports = mgd.update_matching()
+        seconds = time.perf_counter() - start
+        logger.info(
+            f"matching after {epoch} epoch(s): {reports[0].num_images} images ({seen} on this rank) in "
+            f"{seconds:.1f}s; " + "; ".join(f"{r.stage} cost {r.cost:.4f} changed {r.changed}" for r in reports)
+        )
+        if metrics is not None:  # the whole assignment, for the stability figure (a few KB per update)
+            metrics.log("matching", epoch=epoch, seconds=seconds, num_images=reports[0].num_images,
+                        cost={r.stage: r.cost for r in reports}, changed={r.stage: r.changed for r in reports},
+                        assignment={r.stage: a for r, a in zip(reports, mgd.assignments())})
