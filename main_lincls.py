@@ -12,6 +12,7 @@ import sys
 
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
 from moco_mgd.runtime import launch
+from moco_mgd.runtime.data import DATASETS
 from moco_mgd.evaluation.lincls import LinclsConfig, check_config, linear_eval
 
 
@@ -19,47 +20,46 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Linear classification on a frozen backbone", add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     moco = parser.add_argument_group("MoCo (same names and defaults as main_lincls.py)")
-    moco.add_argument("data", metavar="DIR", nargs="?", default="",
-                      help="dataset root with train/ and val/ (image folders); for fashion-mnist the IDX "
+    moco.add_argument("data", metavar="DIR", nargs="?", help="dataset root with train/ and val/ (image folders); for fashion-mnist the IDX "
                            "directory (default: Debian's /usr/share/datasets/fashion-mnist)")
-    moco.add_argument("-a", "--arch", default="resnet50", choices=RESNET_ARCHS,
+    moco.add_argument("-a", "--arch", choices=RESNET_ARCHS,
                       help="architecture of the pretrained backbone (checked against --pretrained)")
-    moco.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per process")
-    moco.add_argument("--epochs", default=100, type=int)
-    moco.add_argument("--start-epoch", default=0, type=int, help="manual epoch number (useful on restarts)")
-    moco.add_argument("-b", "--batch-size", default=256, type=int,
+    moco.add_argument("-j", "--workers", type=int, help="data loading workers per process")
+    moco.add_argument("--epochs", type=int)
+    moco.add_argument("--start-epoch", type=int, help="manual epoch number (useful on restarts)")
+    moco.add_argument("-b", "--batch-size", type=int,
                       help="total batch size of all the processes (GPUs) of one node")
-    moco.add_argument("--lr", "--learning-rate", default=30.0, type=float, dest="lr")
-    moco.add_argument("--schedule", default=[60, 80], nargs="*", type=int, help="epochs at which lr drops x0.1")
-    moco.add_argument("--momentum", default=0.9, type=float)
-    moco.add_argument("--wd", "--weight-decay", default=0.0, type=float, dest="weight_decay")
-    moco.add_argument("-p", "--print-freq", default=10, type=int)
-    moco.add_argument("--resume", default="", type=str,
+    moco.add_argument("--lr", "--learning-rate", type=float, dest="lr")
+    moco.add_argument("--schedule", nargs="*", type=int, help="epochs at which lr drops x0.1")
+    moco.add_argument("--momentum", type=float)
+    moco.add_argument("--wd", "--weight-decay", type=float, dest="weight_decay")
+    moco.add_argument("-p", "--print-freq", type=int)
+    moco.add_argument("--resume", type=str,
                       help="checkpoint of this script (checkpoint.pth.tar) to resume training or to --evaluate")
     moco.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the model on val/")
     launch.add_launch_arguments(moco)
-    moco.add_argument("--seed", default=None, type=int)
-    moco.add_argument("--pretrained", default="", type=str,
+    moco.add_argument("--seed", type=int)
+    moco.add_argument("--pretrained", type=str,
                       help="pretrained weights: an official MoCo checkpoint (module.encoder_q.*), one of "
                            "main_moco_mgd.py, or a torchvision state dict; none: a random backbone")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist"],
+    run.add_argument("--dataset", choices=DATASETS,
                      help="fashion-mnist: train on its training set, evaluate on its test set")
-    run.add_argument("--output-dir", default=".", help="checkpoint.pth.tar, model_best.pth.tar, log.txt and "
+    run.add_argument("--output-dir", help="checkpoint.pth.tar, model_best.pth.tar, log.txt and "
                      "metrics.jsonl go here")
-    run.add_argument("--image-size", default=224, type=int, help="crop size (e.g. 32-64 for Fashion-MNIST)")
-    run.add_argument("--stem", default="imagenet", choices=STEMS,
+    run.add_argument("--image-size", type=int, help="crop size (e.g. 32-64 for Fashion-MNIST)")
+    run.add_argument("--stem", choices=STEMS,
                      help="the stem the backbone was pretrained with ('small': 3x3 stride-1 conv, no max-pool)")
     run.add_argument("--cached-features", action="store_true",
                      help="compute the frozen backbone's pooled features of train/ and val/ once and train "
                           "fc on them (minutes instead of hours on CPU). Differs from the protocol: training "
                           "images are not augmented (the val resize + centre crop replaces RandomResizedCrop + "
                           "flip). Same optimizer, schedule, batch size and checkpoints")
-    run.add_argument("--max-images", default=0, type=int,
+    run.add_argument("--max-images", type=int,
                      help="train fc on a random subset of this many labelled images (0: all); with the same "
                           "--seed it is the subset main_moco_mgd.py --max-images pretrained on")
-    return parser
+    return launch.set_config_defaults(parser, LinclsConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> LinclsConfig:

@@ -9,92 +9,94 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moco_mgd.losses.cckd import KERNELS
+from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
 from moco_mgd.runtime import launch
-from moco_mgd.training.pretrain import pretrain
+from moco_mgd.runtime.data import DATASETS
+from moco_mgd.runtime.precision import AMP_MODES
 from moco_mgd.training.config import PretrainConfig, validate
+from moco_mgd.training.pretrain import pretrain
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MoCo-v2 + MGD pretraining", add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     moco = parser.add_argument_group("MoCo (same names and defaults as main_moco.py)")
-    moco.add_argument("data", metavar="DIR", nargs="?", default="",
-                      help="dataset root: reads DIR/train (image folders); for fashion-mnist the IDX directory "
+    moco.add_argument("data", metavar="DIR", nargs="?", help="dataset root: reads DIR/train (image folders); for fashion-mnist the IDX directory "
                            "(default: Debian's /usr/share/datasets/fashion-mnist)")
-    moco.add_argument("-a", "--arch", default="resnet18", choices=RESNET_ARCHS,
+    moco.add_argument("-a", "--arch", choices=RESNET_ARCHS,
                       help="student architecture (MoCo's default is resnet50: pass it to train a teacher)")
-    moco.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per process")
-    moco.add_argument("--epochs", default=200, type=int)
-    moco.add_argument("--start-epoch", default=0, type=int, help="manual epoch number (useful on restarts)")
-    moco.add_argument("-b", "--batch-size", default=256, type=int,
+    moco.add_argument("-j", "--workers", type=int, help="data loading workers per process")
+    moco.add_argument("--epochs", type=int)
+    moco.add_argument("--start-epoch", type=int, help="manual epoch number (useful on restarts)")
+    moco.add_argument("-b", "--batch-size", type=int,
                       help="total batch size of all the processes (GPUs) of one node")
-    moco.add_argument("--lr", "--learning-rate", default=0.03, type=float, dest="lr")
-    moco.add_argument("--schedule", default=[120, 160], nargs="*", type=int,
+    moco.add_argument("--lr", "--learning-rate", type=float, dest="lr")
+    moco.add_argument("--schedule", nargs="*", type=int,
                       help="epochs at which lr drops x0.1 (ignored with --cos)")
-    moco.add_argument("--momentum", default=0.9, type=float)
-    moco.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
-    moco.add_argument("-p", "--print-freq", default=10, type=int)
-    moco.add_argument("--resume", default="", type=str, help="checkpoint to resume from (default: the newest "
+    moco.add_argument("--momentum", type=float)
+    moco.add_argument("--wd", "--weight-decay", type=float, dest="weight_decay")
+    moco.add_argument("-p", "--print-freq", type=int)
+    moco.add_argument("--resume", type=str, help="checkpoint to resume from (default: the newest "
                       "complete checkpoint in --output-dir, if any)")
     launch.add_launch_arguments(moco)
-    moco.add_argument("--seed", default=None, type=int)
-    moco.add_argument("--moco-dim", default=128, type=int)
-    moco.add_argument("--moco-k", default=65536, type=int, help="queue size: a multiple of the global batch")
-    moco.add_argument("--moco-m", default=0.999, type=float)
-    moco.add_argument("--moco-t", default=0.07, type=float)
+    moco.add_argument("--seed", type=int)
+    moco.add_argument("--moco-dim", type=int)
+    moco.add_argument("--moco-k", type=int, help="queue size: a multiple of the global batch")
+    moco.add_argument("--moco-m", type=float)
+    moco.add_argument("--moco-t", type=float)
     moco.add_argument("--mlp", action="store_true", help="MoCo-v2 MLP head")
     moco.add_argument("--aug-plus", action="store_true", help="MoCo-v2 augmentations (blur)")
     moco.add_argument("--cos", action="store_true", help="cosine learning-rate schedule")
 
     mgd = parser.add_argument_group("Matching Guided Distillation")
-    mgd.add_argument("--teacher-arch", default="resnet50", choices=RESNET_ARCHS)
-    mgd.add_argument("--teacher-checkpoint", default="", help="MoCo-v2 checkpoint of the teacher "
+    mgd.add_argument("--teacher-arch", choices=RESNET_ARCHS)
+    mgd.add_argument("--teacher-checkpoint", help="MoCo-v2 checkpoint of the teacher "
                      "(e.g. moco_v2_200ep_pretrain.pth.tar); none: plain MoCo-v2")
-    mgd.add_argument("--mgd-reducer", default="amp", choices=["amp", "rd", "sm", "max", "avg"],
+    mgd.add_argument("--mgd-reducer", choices=REDUCERS,
                      help="teacher channel reduction: absolute max pooling, random drop, sparse matching, max, avg")
-    mgd.add_argument("--mgd-loss-factor", default=1e4, type=float, help="MGD loss is divided by batch x this")
-    mgd.add_argument("--mgd-schedule", default="authors",
-                     help="epochs after which to re-match: 'authors' (0,1,2,3,6,9,15,26,43,74,126), 'every:N', "
+    mgd.add_argument("--mgd-loss-factor", type=float, help="MGD loss is divided by batch x this")
+    mgd.add_argument("--mgd-schedule", help="epochs after which to re-match: 'authors' (0,1,2,3,6,9,15,26,43,74,126), 'every:N', "
                           "'none' (fixed in-order assignment: MGD without matching), or a list like 0,1,2; "
                           "0 is before training")
-    mgd.add_argument("--mgd-samples", default=20000, type=int, help="training images per matching update")
+    mgd.add_argument("--mgd-samples", type=int, help="training images per matching update")
     mgd.add_argument("--no-mgd", dest="mgd", action="store_false", help="plain MoCo-v2 even with a teacher")
 
     emb = parser.add_argument_group(
         "embedding distillation", "losses on the final (MLP) embedding, from the teacher's MoCo-v2 head; each is on "
         "when its weight is positive, combines with MGD and with the others (--no-mgd: without MGD)")
-    emb.add_argument("--cckd-weight", default=0.0, type=float,
+    emb.add_argument("--cckd-weight", type=float,
                      help="correlation congruence (CCKD, Peng et al. ICCV 2019) over the global batch")
-    emb.add_argument("--cckd-kernel", default="rbf-taylor", choices=["rbf-taylor", "rbf", "cosine"],
+    emb.add_argument("--cckd-kernel", choices=KERNELS,
                      help="CCKD's kernel between L2-normalised embeddings")
-    emb.add_argument("--cckd-gamma", default=0.4, type=float, help="CCKD's RBF gamma")
-    emb.add_argument("--cckd-order", default=2, type=int, help="CCKD's Taylor order P (rbf-taylor)")
-    emb.add_argument("--disco-weight", default=0.0, type=float,
+    emb.add_argument("--cckd-gamma", type=float, help="CCKD's RBF gamma")
+    emb.add_argument("--cckd-order", type=int, help="CCKD's Taylor order P (rbf-taylor)")
+    emb.add_argument("--disco-weight", type=float,
                      help="embedding regression (DisCo, Gao et al. ECCV 2022): mean over the batch of "
                           "||q_s - q_t||^2 of normalised embeddings (DisCo's own code sums over 32 images per GPU: 32)")
     emb.add_argument("--disco-both-views", action="store_true",
                      help="DisCo on the key view too (a second forward of the student's query encoder and "
                           "of the teacher)")
-    emb.add_argument("--mlp-hidden-dim", default=0, type=int,
+    emb.add_argument("--mlp-hidden-dim", type=int,
                      help="hidden width of the student's MLP head (0: the backbone's, as MoCo-v2; DisCo: 2048)")
-    emb.add_argument("--seed-weight", default=0.0, type=float,
+    emb.add_argument("--seed-weight", type=float,
                      help="similarity-distribution distillation (SEED, Fang et al. ICLR 2021)")
-    emb.add_argument("--seed-queue", default=65536, type=int, help="SEED's queue of teacher embeddings")
-    emb.add_argument("--seed-t", default=0.2, type=float, help="SEED's student temperature")
-    emb.add_argument("--seed-teacher-t", default=1e-4, type=float, help="SEED's teacher temperature")
+    emb.add_argument("--seed-queue", type=int, help="SEED's queue of teacher embeddings")
+    emb.add_argument("--seed-t", type=float, help="SEED's student temperature")
+    emb.add_argument("--seed-teacher-t", type=float, help="SEED's teacher temperature")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output-dir", default=".", help="checkpoints, log.txt and metrics.jsonl go here")
-    run.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist"])
-    run.add_argument("--image-size", default=224, type=int, help="crop size (e.g. 32-64 for Fashion-MNIST)")
-    run.add_argument("--stem", default="imagenet", choices=STEMS,
+    run.add_argument("--output-dir", help="checkpoints, log.txt and metrics.jsonl go here")
+    run.add_argument("--dataset", choices=DATASETS)
+    run.add_argument("--image-size", type=int, help="crop size (e.g. 32-64 for Fashion-MNIST)")
+    run.add_argument("--stem", choices=STEMS,
                      help="'small': 3x3 stride-1 conv without max-pool, for 28-64 px images (teacher too)")
-    run.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+    run.add_argument("--amp", choices=AMP_MODES,
                      help="autocast precision; auto = bf16 on GPU, off on CPU")
-    run.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                      help="channels_last memory format (default: on GPU)")
-    run.add_argument("--shuffle-bn-splits", default=8, type=int,
+    run.add_argument("--shuffle-bn-splits", type=int,
                      help="in a single process, the key encoder's BN runs on this many shuffled sub-batches")
     run.add_argument("--zero-init-residual", action="store_true",
                      help="each residual branch starts as zero (torchvision's option; helps a from-scratch ResNet-50 "
@@ -102,19 +104,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--embedding-bn", action="store_true",
                      help="a BN without affine parameters at the end of the MLP head (needs --mlp): removes the "
                           "batch's common direction, where a collapsed embedding lives")
-    run.add_argument("--keep-checkpoints", default=2, type=int, help="keep the newest N checkpoints (0: all)")
-    run.add_argument("--max-skipped-images", default=100, type=int,
+    run.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (0: all)")
+    run.add_argument("--max-skipped-images", type=int,
                      help="stop when more unreadable images than this were skipped (per loader process)")
-    run.add_argument("--max-images", default=0, type=int,
+    run.add_argument("--max-images", type=int,
                      help="train on a random subset of this many images (0: all); for demos and quick checks")
-    run.add_argument("--knn-freq", default=0, type=int,
+    run.add_argument("--knn-freq", type=int,
                      help="every N epochs, kNN top-1 of the student on the labelled train/val split (val/ "
                           "for image folders, the test set for fashion-mnist); 0: off. The teacher is "
                           "evaluated once at the start as a reference")
-    run.add_argument("--knn-k", default=200, type=int, help="neighbours of the kNN monitor (DINO: 20)")
-    run.add_argument("--knn-t", default=0.1, type=float, help="temperature of the kNN vote (DINO: 0.07)")
-    run.add_argument("--wandb-project", default="", help="also log to this wandb project")
-    return parser
+    run.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (DINO: 20)")
+    run.add_argument("--knn-t", type=float, help="temperature of the kNN vote (DINO: 0.07)")
+    run.add_argument("--wandb-project", help="also log to this wandb project")
+    return launch.set_config_defaults(parser, PretrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:

@@ -33,7 +33,7 @@ EMBEDDING = {"CCKD": {"cckd_weight": 1.0}, "DisCo": {"disco_weight": 1.0}, "SEED
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="dataset root (image folders) or the Fashion-MNIST IDX directory")
-    parser.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist"])
+    parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
     parser.add_argument("--teacher-checkpoint", required=True)
     parser.add_argument("--teacher-arch", default="resnet50", choices=RESNET_ARCHS)
     parser.add_argument("--student-checkpoint", default="", help="a pretrained student (default: random weights)")
@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=4, help="batches averaged over")
     parser.add_argument("--moco-k", type=int, default=4096)
     parser.add_argument("--moco-t", type=float, default=0.2)
-    parser.add_argument("--mgd-reducer", default="amp", choices=["amp", "rd", "sm", "max", "avg"])
+    parser.add_argument("--mgd-reducer", default="amp", choices=REDUCERS)
     parser.add_argument("--mgd-loss-factor", type=float, default=1e4)
     parser.add_argument("--mgd-samples", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)

@@ -29,7 +29,7 @@ from moco_mgd.models.stages import STAGES, forward_with_stages
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data")
-    parser.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist"])
+    parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
     parser.add_argument("--teacher-checkpoint", default="", help="default: a teacher with random weights")
     parser.add_argument("--student-checkpoint", default="", help="default: a student with random weights")
     parser.add_argument("--teacher-arch", default="resnet50", choices=RESNET_ARCHS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from moco_mgd.runtime import distributed
 
@@ -56,11 +56,9 @@ def extract_features(
     was_training = model.training
     model.eval()
     indexed = IndexedDataset(dataset)
-    # Without shuffling each rank reads a strided shard; padding repeats a few samples so
-    # every rank has as many, which all_gather needs. Repeats write the same row twice.
-    sampler = DistributedSampler(indexed, num_replicas=distributed.get_world_size(),
-                                 rank=distributed.get_rank(), shuffle=False, drop_last=False)
-    loader = DataLoader(indexed, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    # Padded so that every rank has as many rows, which all_gather needs; a repeat writes the same row twice.
+    loader = DataLoader(indexed, batch_size=batch_size, sampler=distributed.shard_indices(len(indexed), padded=True),
+                        num_workers=workers,
                         pin_memory=device.type == "cuda")
     indices, feats, labels = [], [], []
     try:

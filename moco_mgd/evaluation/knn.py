@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -27,9 +26,12 @@ from moco_mgd.runtime import distributed
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, load_frozen_backbone, resnet_trunk
 from moco_mgd.runtime.data import DATASETS, build_dataset, check_same_classes, eval_transform, random_subset
 from moco_mgd.evaluation.features import extract_features
-from moco_mgd.runtime.launch import init_process_group, launched_by_torchrun
+from moco_mgd.runtime import launch
+from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, check_numbers
+from moco_mgd.runtime.launch import DistEnv
+from moco_mgd.runtime.precision import AMP_MODES, autocast_dtype
 
-__all__ = ["BACKENDS", "knn_search", "knn_classify", "knn_accuracy", "knn_evaluate", "main"]
+__all__ = ["BACKENDS", "knn_search", "knn_classify", "knn_accuracy", "knn_evaluate", "KnnConfig", "check_config", "main"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -173,8 +175,7 @@ def knn_evaluate(model: nn.Module, train_set: Dataset, val_set: Dataset, batch_s
     train_f, train_l = extract_features(model, train_set, batch_size, device, workers, autocast_dtype)
     val_f, val_l = extract_features(model, val_set, batch_size, device, workers, autocast_dtype)
     num_classes = max(len(getattr(train_set, "classes", ())), int(train_l.max()) + 1, int(val_l.max()) + 1)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    mine = slice(rank * math.ceil(len(val_f) / world), (rank + 1) * math.ceil(len(val_f) / world))
+    mine = torch.tensor(distributed.shard_indices(len(val_f)), dtype=torch.long)  # each query on one rank
     queries, labels = val_f[mine], val_l[mine]
     if backend == "torch":  # brute force is only fast on the accelerator
         train_f, queries = train_f.to(device), queries.to(device)
@@ -185,87 +186,112 @@ def knn_evaluate(model: nn.Module, train_set: Dataset, val_set: Dataset, batch_s
     return {name: 100.0 * count / len(val_f) for name, count in zip(correct, counts.tolist())}
 
 
+@dataclass
+class KnnConfig:
+    """Everything a kNN evaluation of the CLI depends on (the defaults of its flags)."""
+
+    data: str = ""
+    pretrained: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    max_images: int = 0
+    arch: str = "resnet18"
+    stem: str = "imagenet"
+    dataset: str = "imagefolder"
+    image_size: int = 224
+    k: int = 200
+    temperature: float = 0.1
+    batch_size: int = 256
+    workers: int = 8
+    backend: str = "faiss"
+    amp: str = "auto"
+    output_dir: str = ""
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("python -m moco_mgd.evaluation.knn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", metavar="DATA", nargs="?", default="", help="holds train/CLASS/* and val/CLASS/*"
+    parser.add_argument("data", metavar="DATA", nargs="?", help="holds train/CLASS/* and val/CLASS/*"
                         " (fashion-mnist: the IDX directory, default /usr/share/datasets/fashion-mnist)")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--pretrained", help="this project's, MoCo's or a torchvision checkpoint")
     weights.add_argument("--random-init", action="store_true",
                          help="no checkpoint: a randomly initialised network (--seed), the floor pretraining must beat")
-    parser.add_argument("--seed", default=0, type=int, help="of --random-init and of the --max-images draw")
-    parser.add_argument("--max-images", default=0, type=int,
+    parser.add_argument("--seed", type=int, help="of --random-init and of the --max-images draw")
+    parser.add_argument("--max-images", type=int,
                         help="a random subset of this many train images as the bank (0: all); with the same "
                              "--seed it is the subset main_moco_mgd.py --max-images trained on")
-    parser.add_argument("-a", "--arch", default="resnet18", choices=RESNET_ARCHS)
-    parser.add_argument("--stem", default="imagenet", choices=STEMS)
-    parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
-    parser.add_argument("--image-size", default=224, type=int, help="side of the centre crop")
-    parser.add_argument("-k", default=200, type=int, help="neighbours (MoCo's demo: 200, DINO: 20)")
-    parser.add_argument("--temperature", default=0.1, type=float, help="vote temperature (DINO: 0.07)")
-    parser.add_argument("-b", "--batch-size", default=256, type=int, help="images per forward, per process")
-    parser.add_argument("-j", "--workers", default=8, type=int, help="data loading workers per process")
-    parser.add_argument("--backend", default="faiss", choices=BACKENDS)
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                        help="autocast of the feature extraction; auto = bf16 on GPU, off on CPU")
-    parser.add_argument("--output-dir", default="", help="also append the result to OUTPUT_DIR/metrics.jsonl")
-    return parser
+    parser.add_argument("-a", "--arch", choices=RESNET_ARCHS)
+    parser.add_argument("--stem", choices=STEMS)
+    parser.add_argument("--dataset", choices=DATASETS)
+    parser.add_argument("--image-size", type=int, help="side of the centre crop")
+    parser.add_argument("-k", type=int, help="neighbours (MoCo's demo: 200, DINO: 20)")
+    parser.add_argument("--temperature", type=float, help="vote temperature (DINO: 0.07)")
+    parser.add_argument("-b", "--batch-size", type=int, help="images per forward, per process")
+    parser.add_argument("-j", "--workers", type=int, help="data loading workers per process")
+    parser.add_argument("--backend", choices=BACKENDS)
+    parser.add_argument("--amp", choices=AMP_MODES, help="autocast of the feature extraction; auto = bf16 on GPU, "
+                        "off on CPU")
+    parser.add_argument("--output-dir", help="also append the result to OUTPUT_DIR/metrics.jsonl")
+    launch.add_launch_arguments(parser.add_argument_group("processes (as main_moco_mgd.py; torchrun works too)"))
+    return launch.set_config_defaults(parser, KnnConfig)
+
+
+def _network(config: KnnConfig) -> nn.Module:
+    if config.random_init:
+        torch.manual_seed(config.seed)
+        return resnet_trunk(build_resnet(config.arch, stem=config.stem)).eval().requires_grad_(False)
+    return load_frozen_backbone(config.arch, config.pretrained, config.stem)
+
+
+def _datasets(config: KnnConfig) -> tuple[Dataset, Dataset]:
+    train_set, val_set = (build_dataset(config.dataset, config.data, split, eval_transform(config.image_size))
+                          for split in ("train", "val"))
+    check_same_classes(train_set, val_set)
+    if config.max_images:
+        train_set = random_subset(train_set, config.max_images, config.seed)
+    return train_set, val_set
+
+
+def check_config(config: KnnConfig, world_size: int, local_world_size: int) -> None:
+    """Refuse a kNN run that cannot work, before any process starts."""
+    check_numbers([("--max-images", config.max_images, NON_NEGATIVE[0], ">= 0 (0: all images)"),
+                   ("-k", config.k, *AT_LEAST_1), ("--temperature", config.temperature, *POSITIVE),
+                   ("-b/--batch-size", config.batch_size, *AT_LEAST_1), ("-j/--workers", config.workers, *NON_NEGATIVE),
+                   ("--image-size", config.image_size, *AT_LEAST_1), ("--seed", config.seed, *SEED)])
+    if config.backend == "faiss" and importlib.util.find_spec("faiss") is None:
+        raise ValueError("faiss is not installed: install faiss-cpu or faiss-gpu, or pass --backend torch")
+    _network(config)
+    train_set, _ = _datasets(config)
+    if config.k > len(train_set):
+        raise ValueError(f"k={config.k} is larger than the {len(train_set)} train images: lower -k")
+
+
+def knn_main(config: KnnConfig, env: DistEnv) -> None:
+    """One process of the CLI (every launch mode ends here): prints the result on rank 0."""
+    from moco_mgd.runtime.logs import MetricsLog, setup_logging
+
+    setup_logging(None, env.rank)
+    model = _network(config).to(env.device)
+    train_set, val_set = _datasets(config)
+    source = config.pretrained or f"random init (seed {config.seed})"
+    logger.info(f"kNN of {config.arch} {source}: {len(train_set)} train, {len(val_set)} val images, "
+                f"{env.world_size} process(es) on {env.device}, {config.backend} search")
+    result = knn_evaluate(model, train_set, val_set, config.batch_size, env.device, config.k, config.temperature,
+                          config.workers, autocast_dtype(config.amp, env.device), config.backend)
+    if env.is_main:
+        top5 = f" top-5 {result['top5']:.2f}" if "top5" in result else ""
+        print(f"kNN (k={config.k}, T={config.temperature}) top-1 {result['top1']:.2f}{top5} on {len(val_set)} "
+              f"val images")
+        if config.output_dir:
+            os.makedirs(config.output_dir, exist_ok=True)
+            MetricsLog(config.output_dir, True).log("knn", epoch=0, k=config.k, temperature=config.temperature,
+                                                    **result)
 
 
 def main(argv: list[str] | None = None) -> None:
     """The CLI: prints ``kNN (k=.., T=..) top-1 .. top-5 .. on N val images`` (rank 0)."""
-    from moco_mgd.runtime.logs import setup_logging
-
-    parser = get_args_parser()
-    args, torchrun = parser.parse_args(argv), launched_by_torchrun()
-    rank = int(os.environ["RANK"]) if torchrun else 0
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if torchrun else 0)
-        torch.cuda.set_device(device)
-    setup_logging(None, rank)
-    amp = "bf16" if args.amp == "auto" and device.type == "cuda" else args.amp
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    try:
-        if args.backend == "faiss" and importlib.util.find_spec("faiss") is None:
-            raise ValueError("faiss is not installed: install faiss-cpu or faiss-gpu, or pass --backend torch")
-        if args.random_init:
-            torch.manual_seed(args.seed)
-            model = resnet_trunk(build_resnet(args.arch, stem=args.stem)).eval().requires_grad_(False)
-        else:
-            model = load_frozen_backbone(args.arch, args.pretrained, args.stem)
-        model = model.to(device)
-        if args.max_images < 0:
-            raise ValueError(f"--max-images {args.max_images}: pass a positive number, or 0 for all images")
-        train_set, val_set = (build_dataset(args.dataset, args.data, split, eval_transform(args.image_size))
-                              for split in ("train", "val"))
-        check_same_classes(train_set, val_set)
-        if args.max_images:
-            train_set = random_subset(train_set, args.max_images, args.seed)
-        if args.k > len(train_set):
-            raise ValueError(f"k={args.k} is larger than the {len(train_set)} train images: lower -k")
-    except (FileNotFoundError, ValueError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    if torchrun:
-        init_process_group("nccl", "env://", int(os.environ["WORLD_SIZE"]), rank, device)
-    try:
-        logger.info(f"kNN of {args.arch} {args.pretrained or 'random init (seed ' + str(args.seed) + ')'}: {len(train_set)} train, {len(val_set)} val images, "
-                    f"{distributed.get_world_size()} process(es) on {device}, {args.backend} search")
-        result = knn_evaluate(model, train_set, val_set, args.batch_size, device, args.k, args.temperature,
-                              args.workers, autocast_dtype, args.backend)
-    finally:
-        if torchrun:
-            dist.destroy_process_group()
-    if rank == 0:
-        top5 = f" top-5 {result['top5']:.2f}" if "top5" in result else ""
-        print(f"kNN (k={args.k}, T={args.temperature}) top-1 {result['top1']:.2f}{top5} on {len(val_set)} val images")
-        if args.output_dir:
-            from moco_mgd.runtime.logs import MetricsLog
-
-            os.makedirs(args.output_dir, exist_ok=True)
-            metrics = MetricsLog(args.output_dir, True)
-            metrics.log("knn", epoch=0, k=args.k, temperature=args.temperature, **result)
+    launch.run_main(get_args_parser(), argv, KnnConfig, check_config, knn_main, "python -m moco_mgd.evaluation.knn")
 
 
 if __name__ == "__main__":

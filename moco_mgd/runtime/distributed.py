@@ -99,6 +99,22 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor)
 
 
+def shard_indices(length: int, padded: bool = False) -> list[int]:
+    """This rank's share of ``range(length)`` for evaluation: ``rank, rank + world, ...`` (all of it in one process).
+
+    ``padded`` gives every rank ``ceil(length / world)`` indices, the tail repeating the first
+    ones as ``DistributedSampler`` does, for an ``all_gather`` that needs equal sizes; a
+    repeated index must then be written once or counted once by the caller. Without padding
+    the shares are disjoint and cover every index once, so counts can simply be summed.
+    """
+    rank, world = get_rank(), get_world_size()
+    indices = list(range(rank, length, world))
+    if padded:
+        per_rank = -(-length // world)
+        indices += list(range(length))[: per_rank - len(indices)]
+    return indices
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

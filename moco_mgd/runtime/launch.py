@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
 
 __all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
-           "add_launch_arguments", "config_from_args", "run_main", "per_process_batch"]
+           "add_launch_arguments", "config_defaults", "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -145,6 +145,26 @@ def add_launch_arguments(group) -> None:
     group.add_argument("--nproc-per-node", default=None, type=int,
                        help="processes per node with --multiprocessing-distributed (default: one per GPU; "
                             "needed on CPU)")
+
+
+def config_defaults(config_class: type) -> dict:
+    """The default of every field of the dataclass ``config_class`` (factories called)."""
+    return dataclasses.asdict(config_class())
+
+
+def set_config_defaults(parser: argparse.ArgumentParser, config_class: type) -> argparse.ArgumentParser:
+    """Give every flag whose destination is a field of ``config_class`` that field's default.
+
+    The dataclass is the one source of the defaults: the entry scripts' ``add_argument`` calls
+    name no default for a configuration field. Raises if a field has no flag, so the two cannot
+    drift apart.
+    """
+    destinations = {action.dest for action in parser._actions}
+    missing = [name for name in config_defaults(config_class) if name not in destinations]
+    if missing:
+        raise TypeError(f"{config_class.__name__} fields without a command-line flag: {', '.join(missing)}")
+    parser.set_defaults(**config_defaults(config_class))
+    return parser
 
 
 def config_from_args(config_class: type, args: argparse.Namespace):

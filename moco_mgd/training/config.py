@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from moco_mgd.losses.embedding import EmbeddingDistiller
+from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.losses.mgd_distiller import MGDistiller
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import arch_stage_channels, head_dim, load_checkpoint_file, load_frozen_teacher
@@ -141,8 +142,8 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         raise ValueError(f"--moco-k {config.moco_k} is not divisible by the global batch size {global_batch} "
                          f"({world_size} processes x {global_batch // world_size}): the queue is filled in whole "
                          f"batches; choose K as a multiple of {global_batch}")
-    if config.mgd_reducer not in ("amp", "rd", "sm", "max", "avg"):
-        raise ValueError(f"unknown --mgd-reducer {config.mgd_reducer!r}: choose amp, rd, sm, max or avg")
+    if config.mgd_reducer not in REDUCERS:
+        raise ValueError(f"unknown --mgd-reducer {config.mgd_reducer!r}: choose one of {', '.join(REDUCERS)}")
     matching_epochs(config.mgd_schedule, config.epochs)
     if config.use_embedding_losses and not config.teacher_checkpoint:
         raise ValueError("--cckd-weight / --disco-weight / --seed-weight distil from a teacher: pass "

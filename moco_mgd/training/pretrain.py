@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from moco_mgd.evaluation.knn import knn_evaluate
 from moco_mgd.models.resnet import load_checkpoint_file, resnet_trunk
 from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.runtime import precision
 from moco_mgd.runtime.data import TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.logs import MetricsLog, setup_logging
@@ -30,16 +31,6 @@ from moco_mgd.training.schedules import learning_rate, set_learning_rate
 __all__ = ["pretrain"]
 
 logger = logging.getLogger("moco_mgd")
-
-
-def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def _loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, workers: int, seed: int, drop_last: bool):
@@ -60,7 +51,7 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
     device = env.device
-    autocast_dtype = _autocast_dtype(config.amp, device)
+    autocast_dtype = precision.autocast_dtype(config.amp, device)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batch = per_process_batch(config.batch_size, env.local_world_size)
