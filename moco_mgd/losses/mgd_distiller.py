@@ -114,7 +114,9 @@ class MGDistiller(nn.Module):
             self.register_buffer(f"_groups{i}", torch.zeros((cs, self._group_width(i)), dtype=torch.long),
                                  persistent=False)
             self.register_buffer(f"_group_margin{i}", torch.zeros(cs), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._derive_groups())
+        # Mirrored on the host, so that the loss never reads num_matchings back from the device.
+        self._matched = False
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
         self.reset_costs()
 
     @classmethod
@@ -138,7 +140,11 @@ class MGDistiller(nn.Module):
 
     @property
     def is_matched(self) -> bool:
-        return int(self.num_matchings) > 0
+        return self._matched
+
+    def _after_load(self) -> None:
+        self._matched = int(self.num_matchings) > 0
+        self._derive_groups()
 
     def assignments(self) -> list[torch.Tensor]:
         return [getattr(self, f"assignment{i}") for i in range(len(self.student_channels))]
@@ -201,6 +207,7 @@ class MGDistiller(nn.Module):
         for i, (cs, ct) in enumerate(zip(self.student_channels, self.teacher_channels)):
             getattr(self, f"assignment{i}").copy_(mgd.fixed_assignment(ct, cs, sparse=self.reducer == "sm"))
         self.num_matchings += 1
+        self._matched = True
         self._derive_groups()
 
     @torch.no_grad()
@@ -236,6 +243,7 @@ class MGDistiller(nn.Module):
             pairs = int(matched.sum())
             reports.append(StageMatching(name, float(total) / (num_images * pairs), changed, num_images))
         self.num_matchings += 1
+        self._matched = True
         self._derive_groups()
         self.reset_costs()
         return reports

@@ -22,7 +22,8 @@ def dequeue_and_enqueue_(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: tor
     if size % batch_size:
         raise ValueError(f"the queue size K={size} must be divisible by the global batch size "
                          f"{batch_size}: the queue is filled in whole batches")
-    ptr = int(queue_ptr)
+    # The columns are computed on the device (not int(queue_ptr)), so a step never waits for it.
     # Whole batches and K % batch == 0, so a batch never straddles the end of the queue.
-    queue[:, ptr:ptr + batch_size] = keys.T  # queue[:, ptr:ptr+B]: CxB
-    queue_ptr[0] = (ptr + batch_size) % size
+    columns = queue_ptr + torch.arange(batch_size, device=queue.device)  # columns: B
+    queue.index_copy_(1, columns, keys.T.to(queue.dtype))  # queue[:, ptr:ptr+B] = keys.T
+    queue_ptr.add_(batch_size).remainder_(size)

@@ -48,6 +48,23 @@ class StepOutput:
         """The losses added to InfoNCE, by the name they are logged under."""
         return ({"MGD": self.mgd} if self.mgd is not None else {}) | self.embedding
 
+    def logged(self, stage_names: list[str] | None) -> dict[str, torch.Tensor]:
+        """Every 0-dim value logged for the step, by its name in ``metrics.jsonl`` (still on the device)."""
+        values = {"loss": self.loss, "infonce": self.infonce, "acc1": self.acc1}
+        if self.mgd is not None:
+            values["mgd"] = self.mgd
+            values.update({f"mgd_{name}": v for name, v in zip(stage_names, self.mgd_per_stage.unbind())})
+        return values | self.embedding | self.diagnostics
+
+
+def _non_finite_error(epoch: int, iteration: int, values: dict[str, float]) -> NonFiniteLossError:
+    losses = [("InfoNCE", "infonce"), ("MGD", "mgd"), ("cckd", "cckd"), ("disco", "disco"), ("seed", "seed")]
+    return NonFiniteLossError(
+        f"non-finite loss at epoch {epoch} iteration {iteration}: "
+        + ", ".join(f"{shown} {values[name]:.4g}" for shown, name in losses if name in values)
+        + ": lower --lr, or lower the distillation weights (raise --mgd-loss-factor); the last checkpoint is intact"
+    )
+
 
 def training_step(
     model: nn.Module,
@@ -63,8 +80,8 @@ def training_step(
     The teacher's forward on the batch (none when distillation is off), then InfoNCE of the
     query/key views plus the distillation losses, in the one DDP-wrapped forward.
 
-    Raises:
-        NonFiniteLossError: before the step is taken, naming every loss.
+    Nothing here waits for the device: the loss is not read back, and a non-finite one is
+    caught by :func:`train_one_epoch` at its next read (every ``-p`` steps).
     """
     with torch.autocast(im_q.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         targets = distillation.teacher_targets(im_q, im_k)
@@ -75,13 +92,6 @@ def training_step(
                      (logits.detach().argmax(1) == labels).float().mean() * 100,
                      None if losses.mgd is None else losses.mgd.detach(), losses.mgd_per_stage, losses.embedding,
                      contrastive_diagnostics(losses.moco, moco_module.T))
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(
-            f"non-finite loss: InfoNCE {float(out.infonce):.4g}"
-            + "".join(f", {name} {float(value):.4g}" for name, value in out.named_losses().items())
-            + ": lower --lr, or lower the distillation weights (raise --mgd-loss-factor); "
-              "the last checkpoint is intact"
-        )
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
@@ -120,44 +130,52 @@ def train_one_epoch(
         :func:`~moco_mgd.models.moco.contrastive_diagnostics` and ``images_per_s``.
 
     Raises:
-        NonFiniteLossError: naming the epoch and iteration.
+        NonFiniteLossError: naming the epoch and the first iteration whose loss was NaN or inf,
+            with that step's values. It is noticed at the next read-back: at most ``print_freq``
+            steps later, and at the latest at the end of the epoch, before any checkpoint.
     """
     model.train()
-    mgd_core = distillation.mgd
+    stage_names = distillation.mgd.stage_names if distillation.mgd is not None else None
     num_batches = len(loader) if hasattr(loader, "__len__") else None
     world = distributed.get_world_size()
-    sums: dict[str, float] = {}
+    # The step's values stay on the device: summed in float64 (as Python floats would be), read
+    # back only when printing and at the end of the epoch, so a step never waits for the GPU.
+    names: list[str] | None = None
+    sums = last = first_bad = bad_values = None
     count = 0
-    start = last = time.perf_counter()
+    start = last_time = time.perf_counter()
     data_time = 0.0
+
+    def read_back(i: int) -> dict[str, float]:
+        """The one host sync: the latest step's values; stops the run if any step so far was non-finite."""
+        if int(first_bad) >= 0:
+            raise _non_finite_error(epoch, int(first_bad), dict(zip(names, bad_values.tolist())))
+        return dict(zip(names, last.tolist()))
+
     for i, ((im_q, im_k), _) in enumerate(loader):
-        data_time += time.perf_counter() - last
+        data_time += time.perf_counter() - last_time
         im_q = _batch_to(im_q, device, channels_last)
         im_k = _batch_to(im_k, device, channels_last)
-        try:
-            out = training_step(model, optimizer, im_q, im_k, distillation, scaler, autocast_dtype)
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(str(exc).replace("non-finite loss", f"non-finite loss at epoch {epoch} "
-                                                                        f"iteration {i}", 1)) from None
-
-        step = {"loss": float(out.loss), "infonce": float(out.infonce), "acc1": float(out.acc1)}
-        if mgd_core is not None:
-            step["mgd"] = float(out.mgd)
-            step.update({f"mgd_{name}": float(v) for name, v in zip(mgd_core.stage_names, out.mgd_per_stage)})
-        step.update({name: float(value) for name, value in out.embedding.items()})
-        step.update({name: float(value) for name, value in out.diagnostics.items()})
-        for k, v in step.items():
-            sums[k] = sums.get(k, 0.0) + v
+        out = training_step(model, optimizer, im_q, im_k, distillation, scaler, autocast_dtype)
+        logged = out.logged(stage_names)
+        if names is None:
+            names = list(logged)
+            first_bad = torch.full((), -1, dtype=torch.long, device=out.loss.device)
+        last = torch.stack([v.detach().double() for v in logged.values()])
+        sums = last if sums is None else sums + last
+        newly_bad = (first_bad < 0) & ~torch.isfinite(out.loss)
+        first_bad = torch.where(newly_bad, i, first_bad)
+        bad_values = last if bad_values is None else torch.where(newly_bad, last, bad_values)
         count += 1
-        now = time.perf_counter()
         if print_freq and (i % print_freq == 0 or i + 1 == num_batches):
-            elapsed = now - start
+            step = read_back(i)
+            elapsed = time.perf_counter() - start
             images_per_s = count * im_q.shape[0] * world / max(elapsed, 1e-9)
             eta = (num_batches - i - 1) * elapsed / count if num_batches else float("nan")
             extra_text = ""
-            if mgd_core is not None:
+            if stage_names is not None:
                 extra_text = f" MGD {step['mgd']:.4f} (" + " ".join(
-                    f"{v:.3g}" for v in out.mgd_per_stage.tolist()) + ")"
+                    f"{step[f'mgd_{name}']:.3g}" for name in stage_names) + ")"
             extra_text += "".join(f" {name} {step[name]:.4g}" for name in out.embedding)
             logger.info(
                 f"epoch {epoch} [{i + 1}/{num_batches or '?'}] eta {format_duration(eta) if num_batches else '?'} "
@@ -167,11 +185,12 @@ def train_one_epoch(
             )
             if metrics is not None:
                 metrics.log("train", epoch=epoch, iteration=i, images_per_s=images_per_s, **step)
-        last = time.perf_counter()
+        last_time = time.perf_counter()
     if count == 0:
         raise RuntimeError("the training loader yielded no batch: the dataset is smaller than one batch "
                            "(-b/--batch-size) on each process")
+    read_back(count - 1)  # before the caller saves a checkpoint: never one of a poisoned state
     elapsed = time.perf_counter() - start
-    means = {k: v / count for k, v in sums.items()}
+    means = dict(zip(names, (sums / count).tolist()))
     means["images_per_s"] = count * im_q.shape[0] * world / max(elapsed, 1e-9)
     return means
