@@ -1,4 +1,5 @@
 import json
+import sys
 
 import torch
 
@@ -40,7 +41,14 @@ def test_images_go_to_wandb_only_when_it_is_on(tmp_path, monkeypatch):
     figure = Figure(figsize=(2, 2))
     figure.subplots().plot([0, 1], [1, 0])
     figure.savefig(png)
-    MetricsLog(tmp_path / "off", enabled=True).log_images({"curve": png})  # no wandb: nothing to do
+    # wandb off: a no-op that never imports wandb (an import would fail here) and writes nothing.
+    off = tmp_path / "off"
+    off.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "wandb", None)  # "import wandb" now raises ImportError
+        MetricsLog(off, enabled=True).log_images({"curve": png})
+        MetricsLog(off, enabled=False, wandb_project="moco-mgd-test").log_images({"curve": png})
+    assert list(off.iterdir()) == [] and not (tmp_path / "wandb").exists()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     log = MetricsLog(tmp_path, enabled=True, wandb_project="moco-mgd-test")

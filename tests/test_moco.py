@@ -1,6 +1,8 @@
 """MoCo: queue, momentum encoder, logits, shuffle BN (one process and a real 2-rank gloo group)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -231,8 +233,12 @@ def test_small_stem():
     (8, 1, 1), (1, 256, 1),
 ])
 def test_number_of_bn_splits_is_clipped(splits, batch, expected, shared_model):
-    shared_model.shuffle_bn_splits = splits
-    assert shared_model._num_bn_splits(batch) == expected
+    # A shallow copy: its own shuffle_bn_splits, the shared model's (read-only) modules; the
+    # module-scoped fixture is left as the other tests expect it.
+    model = copy.copy(shared_model)
+    model.shuffle_bn_splits = splits
+    assert model._num_bn_splits(batch) == expected
+    assert shared_model.shuffle_bn_splits == 8
 
 
 @pytest.mark.parametrize("batch, chunk_sizes", [(7, [3, 2, 2]), (3, [3])])

@@ -11,7 +11,9 @@ import torch
 import main_moco_mgd
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.runtime.checkpoint import list_checkpoints
+from moco_mgd.runtime.logs import read_metrics
 from moco_mgd.training.engine import NonFiniteLossError
+from moco_mgd.training.schedules import learning_rate
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,10 +123,20 @@ def test_mgd_without_matching_keeps_the_in_order_assignment(data_dir, teacher_pa
     assert "never matched" in (tmp_path / "log.txt").read_text()
 
 
-def test_plain_moco_without_teacher(data_dir, tmp_path):
-    main_moco_mgd.main(_args(data_dir, tmp_path, epochs=1, extra=["--cos"]))
-    state = _load(tmp_path / "checkpoint_0000.pth.tar")
-    assert state["mgd"] is None
+def test_plain_moco_without_teacher_on_the_cosine_schedule(data_dir, tmp_path):
+    main_moco_mgd.main(_args(data_dir, tmp_path, epochs=3, extra=["--cos"]))
+    state = _load(tmp_path / "checkpoint_0002.pth.tar")
+    assert state["mgd"] is None and state["config"]["cos"] is True
+    # --cos: the half-cosine from --lr 0.01 over 3 epochs, 0.01, 0.0075, 0.0025, not the step
+    # schedule's constant 0.01 (its milestones 120, 160 are past the end).
+    epochs = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    for record in epochs:
+        assert record["lr"] == pytest.approx(learning_rate(0.01, record["epoch"], 3, True, [120, 160]), rel=1e-12)
+    assert [r["lr"] for r in epochs] == pytest.approx([0.01, 0.0075, 0.0025], rel=1e-12)
+    # The optimizer really ran at that rate: the last checkpoint's groups hold the last epoch's.
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([0.0025], rel=1e-12)
+    assert "lr 0.0075" in (tmp_path / "log.txt").read_text()
 
 
 def test_two_processes_with_torchrun(data_dir, teacher_path, tmp_path):
@@ -135,7 +147,9 @@ def test_two_processes_with_torchrun(data_dir, teacher_path, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = _load(tmp_path / "checkpoint_0000.pth.tar")
-    assert "2 process(es) x 4 images" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    assert "2 process(es) x 4 images" in log
+    assert "matching after 0 epoch(s): 12 images (6 on this rank)" in log  # both ranks' shards summed
     assert state["epoch"] == 1 and state["mgd"] is not None
 
 
@@ -144,6 +158,15 @@ def test_two_processes_with_multiprocessing_distributed(data_dir, teacher_path, 
         "--multiprocessing-distributed", "--nproc-per-node", "2", "--world-size", "1", "--rank", "0",
         "--dist-url", f"tcp://127.0.0.1:{free_port()}"])
     assert list_checkpoints(tmp_path)[-1].name == "checkpoint_0000.pth.tar"
+    state = _load(tmp_path / "checkpoint_0000.pth.tar")
+    assert state["epoch"] == 1 and state["mgd"] is not None
+    log = (tmp_path / "log.txt").read_text()
+    # Two processes ran: the run says so, and the matching summed the statistics of both ranks'
+    # shards of the 12 --mgd-samples images (6 on rank 0, who writes the log).
+    assert "2 process(es) x 4 images" in log
+    assert "matching after 0 epoch(s): 12 images (6 on this rank)" in log
+    matching = [r for r in read_metrics(tmp_path) if r["kind"] == "matching"]
+    assert [(m["epoch"], m["num_images"]) for m in matching] == [(0, 12)]
 
 
 # --- bad input: a clear error before training, nothing saved is overwritten ---------
