@@ -20,7 +20,7 @@ import torch
 
 import main_moco_mgd
 from moco_mgd.runtime.checkpoint import list_checkpoints
-from slurm import submit
+from moco_mgd.runtime import slurm as submit
 from tests.helpers import make_image_folder, moco_v2_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
