@@ -269,7 +269,11 @@ def reduce_grouped(
             f"{alpha} teacher channels: build the assignment with sparse_assignment, or use "
             f"amp/rd/max/avg"
         )
-    grouped = teacher_feat[:, groups.to(teacher_feat.device)]  # B x Cs x alpha x H x W
+    # One index_select of the channels in group order, then a view: the same values as
+    # teacher_feat[:, groups] at a fraction of advanced indexing's cost.
+    b, _, h, w = teacher_feat.shape
+    flat = groups.to(teacher_feat.device).reshape(-1)
+    grouped = teacher_feat.index_select(1, flat).view(b, cs, alpha, h, w)  # B x Cs x alpha x H x W
     if alpha == 1:
         return grouped[:, :, 0]
     if method == "amp":
@@ -278,7 +282,6 @@ def reduce_grouped(
         high, low = grouped.amax(dim=2), grouped.amin(dim=2)
         return torch.where(high >= -low, high, low)
     if method == "rd":
-        b, _, _, h, w = grouped.shape
         # Draw on the generator's device (a CPU generator may drive a GPU feature).
         draw_device = generator.device if generator is not None else grouped.device
         pick = torch.randint(alpha, (b, cs, 1, h, w), generator=generator, device=draw_device)
@@ -401,5 +404,7 @@ def partial_l2(
     s = student.float()
     view = [1, -1] + [1] * (student.dim() - 2)
     t = torch.maximum(teacher.detach().float(), margin.float().reshape(view))
-    keep = (s > t) | (t > 0)
-    return ((s - t).pow(2) * keep).sum()
+    diff = s - t
+    # Kept unless s <= t <= 0, i.e. where s > t or t > 0, i.e. where max(s - t, t) > 0: two
+    # passes for the mask instead of three, the same elements and the same sum.
+    return (diff.pow(2) * (torch.maximum(diff, t) > 0)).sum()
