@@ -286,8 +286,8 @@ def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike, stem: str
 
     MGD reads intermediate features only, so by default the head is dropped (``fc`` is the
     identity). ``with_head`` keeps the MoCo-v2 head, for the embedding losses
-    (:mod:`moco_mgd.losses.embedding`): the model then outputs the teacher's embedding,
-    and its feature taps still see the stages. The returned model is in eval mode with
-    ``requires_grad=False`` everywhere. Keep it out of DDP and call it under ``torch.no_grad()``.
+    (:mod:`moco_mgd.losses.embedding`): the model then outputs the teacher's embedding, and
+    :func:`~moco_mgd.models.stages.forward_with_stages` still returns its stages. The returned
+    model is in eval mode with ``requires_grad=False`` everywhere. Keep it out of DDP and call it under ``torch.no_grad()``.
     """
     return load_frozen_backbone(arch, checkpoint_path, stem, what="teacher checkpoint", with_head=with_head)
