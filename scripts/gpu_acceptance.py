@@ -34,6 +34,7 @@ from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
+from moco_mgd.runtime.timing import measure, sync
 from moco_mgd.training.engine import training_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,28 +52,6 @@ STEPS = {  # name: (MGD on, embedding-loss weights)
     "MoCo-v2 + MGD-AMP": (True, None),
     "MoCo-v2 + MGD + DisCo + SEED": (True, {"disco_weight": 1.0, "seed_weight": 1.0, "seed_queue": 4096}),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, iters: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds per call and peak GPU memory (GiB; 0 on CPU) over ``iters`` calls after warm-up."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return float(np.median(times)), peak
 
 
 def flops_of(fn) -> int:
@@ -125,7 +104,7 @@ def step_benchmarks(device: torch.device, size: dict) -> dict:
     def teacher_forward():
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=gpu):
             teacher(im_q)
-    seconds, peak = timed(teacher_forward, device, size["iters"])
+    seconds, peak = measure(teacher_forward, device, warmup=2, iters=size["iters"])
     rows["R50 teacher forward"] = {"seconds": seconds, "images_per_s": b / seconds, "peak_gib": peak,
                                    "flops": flops_of(teacher_forward)}
     for name, (use_mgd, embedding) in STEPS.items():
@@ -149,7 +128,7 @@ def step_benchmarks(device: torch.device, size: dict) -> dict:
 
         def step():
             training_step(model, optimizer, im_q, im_k, distillation, autocast_dtype=dtype)
-        seconds, peak = timed(step, device, size["iters"])
+        seconds, peak = measure(step, device, warmup=2, iters=size["iters"])
         rows[name] = {"seconds": seconds, "images_per_s": b / seconds, "peak_gib": peak, "flops": flops_of(step)}
     plain, teacher_s = rows["MoCo-v2 R18"]["seconds"], rows["R50 teacher forward"]["seconds"]
     overhead = (rows["MoCo-v2 + MGD-AMP"]["seconds"] - plain - teacher_s) / plain

@@ -1,4 +1,4 @@
-"""Timing for the benchmark scripts: warm-up, device sync, median, peak GPU and host memory."""
+"""Timing for the benchmarks and the GPU acceptance run: warm-up, device sync, median, peak GPU and host memory."""
 from __future__ import annotations
 
 import statistics
