@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from moco_mgd.losses.embedding import EMBEDDING_LOSSES
 from moco_mgd.models.moco import contrastive_diagnostics
 from moco_mgd.runtime import distributed
 from moco_mgd.runtime.logs import MetricsLog, format_duration
@@ -44,10 +45,6 @@ class StepOutput:
     embedding: dict[str, torch.Tensor] = field(default_factory=dict)
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # see contrastive_diagnostics
 
-    def named_losses(self) -> dict[str, torch.Tensor]:
-        """The losses added to InfoNCE, by the name they are logged under."""
-        return ({"MGD": self.mgd} if self.mgd is not None else {}) | self.embedding
-
     def logged(self, stage_names: list[str] | None) -> dict[str, torch.Tensor]:
         """Every 0-dim value logged for the step, by its name in ``metrics.jsonl`` (still on the device)."""
         values = {"loss": self.loss, "infonce": self.infonce, "acc1": self.acc1}
@@ -58,7 +55,7 @@ class StepOutput:
 
 
 def _non_finite_error(epoch: int, iteration: int, values: dict[str, float]) -> NonFiniteLossError:
-    losses = [("InfoNCE", "infonce"), ("MGD", "mgd"), ("cckd", "cckd"), ("disco", "disco"), ("seed", "seed")]
+    losses = [("InfoNCE", "infonce"), ("MGD", "mgd"), *[(name, name) for name in EMBEDDING_LOSSES]]
     return NonFiniteLossError(
         f"non-finite loss at epoch {epoch} iteration {iteration}: "
         + ", ".join(f"{shown} {values[name]:.4g}" for shown, name in losses if name in values)

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from moco_mgd.evaluation.knn import knn_evaluate
+from moco_mgd.losses.embedding import EMBEDDING_LOSSES
 from moco_mgd.models.resnet import load_checkpoint_file, resnet_trunk
 from moco_mgd.runtime import checkpoint as ckpt
 from moco_mgd.runtime import precision
@@ -129,7 +130,7 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
                 path = ckpt.save_checkpoint(state, ckpt.checkpoint_path(output_dir, epoch), config.keep_checkpoints)
                 logger.info(f"epoch {epoch} done: InfoNCE {means['infonce']:.4f}"
                             + (f" MGD {means['mgd']:.4f}" if mgd else "")
-                            + "".join(f" {name} {means[name]:.4g}" for name in ("cckd", "disco", "seed") if name in means)
+                            + "".join(f" {name} {means[name]:.4g}" for name in EMBEDDING_LOSSES if name in means)
                             + f" acc@1 {means['acc1']:.1f} {diagnostics_text(means)} "
                             f"{means['images_per_s']:.1f} img/s; saved {path}")
         if env.is_main:
