@@ -13,6 +13,7 @@
 # Environment:
 #   SLURM_LOCAL_STATE   where pid files and daemon logs go (default /tmp/moco-mgd-slurm)
 #   SLURM_LOCAL_MEM_MB  memory the node offers to jobs (default: 3/4 of MemTotal)
+#   SLURM_LOCAL_CPUS    CPUs the node offers (default: nproc; more oversubscribes the cores)
 #
 # Exit codes: 0 ok, 1 a daemon did not come up (see the logs under $SLURM_LOCAL_STATE),
 #             3 this machine cannot host the cluster (not root, no apt-get): the tests skip on it.
@@ -74,7 +75,9 @@ install_packages() {
 write_config() {
   local host cpus mem
   host=$(hostname -s)
-  cpus=$(nproc)
+  # SLURM_LOCAL_CPUS above nproc oversubscribes the cores (config_overrides), so that tests can
+  # run jobs side by side whose time goes mostly to waiting for requeues.
+  cpus=${SLURM_LOCAL_CPUS:-$(nproc)}
   mem=${SLURM_LOCAL_MEM_MB:-$(awk '/^MemTotal:/ {print int($2 / 1024 * 3 / 4)}' /proc/meminfo)}
   mkdir -p "$CONF_DIR" /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm
   cat >"$CONF_DIR/slurm.conf" <<CONF
@@ -92,6 +95,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerParameters=sched_interval=2,bf_interval=1
 ReturnToService=2
+SlurmdParameters=config_overrides
 MailProg=/bin/true
 KillWait=5
 StateSaveLocation=/var/lib/slurm/slurmctld

@@ -125,6 +125,16 @@ def test_evaluate_and_resume(run, data_dir, tmp_path):
     assert [r["epoch"] for r in _records(tmp_path / "more", "epoch")] == [2]
 
 
+def test_started_again_it_goes_on_from_its_own_last_epoch(run, data_dir, moco_path, tmp_path):
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "checkpoint.pth.tar").write_bytes((run / "checkpoint.pth.tar").read_bytes())   # stopped after 2 epochs
+    main_lincls.main(_args(data_dir, out, moco_path, epochs=3))     # no --resume
+    assert f"resumed from {out / 'checkpoint.pth.tar'} at epoch 2" in (out / "log.txt").read_text()
+    assert [r["epoch"] for r in _records(out, "epoch")] == [2]
+    assert _load(out / "checkpoint.pth.tar")["epoch"] == 3
+
+
 def test_cached_features_separates_an_easy_dataset(tmp_path):
     colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40), (220, 40, 220)]
     rng = np.random.default_rng(0)

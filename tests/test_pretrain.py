@@ -1,8 +1,12 @@
 """main_moco_mgd.py end to end on tiny generated images, in 1 and 2 processes."""
 import hashlib
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ from moco_mgd.runtime.checkpoint import list_checkpoints
 from moco_mgd.runtime.logs import read_metrics
 from moco_mgd.training.engine import NonFiniteLossError
 from moco_mgd.training.schedules import learning_rate
-from tests.helpers import free_port
+from tests.helpers import free_port, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 KNN = ["--knn-freq", "1", "--knn-k", "4"]
@@ -139,34 +143,98 @@ def test_plain_moco_without_teacher_on_the_cosine_schedule(data_dir, tmp_path):
     assert "lr 0.0075" in (tmp_path / "log.txt").read_text()
 
 
-def test_two_processes_with_torchrun(data_dir, teacher_path, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(REPO / "main_moco_mgd.py"), *_args(data_dir, tmp_path, teacher_path, epochs=1),
-           "--dist-url", "env://", "--dist-backend", "gloo"]
+def _records(out: Path, kind: str = "train") -> list[tuple[int, int]]:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [(r["epoch"], r["iteration"]) for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _stop_at(cmd, out: Path, point: tuple[int, int], send, env) -> int:
+    """Start ``cmd``; once it has logged training past ``point`` (epoch, iteration), ``send(process)``
+    a signal; return its exit code."""
+    with open(out.parent / f"{out.name}-{point}.log", "w") as log:
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not any(r >= point for r in _records(out)):
+            assert process.poll() is None and time.monotonic() < deadline, (out.parent / f"{out.name}-{point}.log").read_text()[-3000:]
+            time.sleep(0.05)
+        send(process)
+        return process.wait(timeout=300)
+
+
+def _stops_and_resumes(out: Path) -> tuple[list, list]:
+    log = (out / "log.txt").read_text()
+    stops = re.findall(r"(SIG\w+): every process stopped after epoch (\d+) iteration (\d+)/", log)
+    resumes = re.findall(r"resumed from \S+ at epoch (\d+)(?: iteration (\d+))? \((\d+) iteration", log)
+    return stops, [(None, e, i or "0", redone) for e, i, redone in resumes]
+
+
+@pytest.fixture(scope="module")
+def six_step_data(tmp_path_factory):
+    """48 images: 6 iterations per epoch at -b 8, room to stop in the middle of one."""
+    return make_image_folder(str(tmp_path_factory.mktemp("data48")), splits=("train",), per_class=24)
+
+
+def test_signals_stop_mid_epoch_and_the_resumed_run_ends_bitwise_equal(six_step_data, teacher_path, tmp_path):
+    """USR2, SIGTERM and Ctrl-C at real moments of one process (with 2 loader workers, which the
+    signals do not kill): each saves mid-epoch and exits with 128 + the signal; the same command
+    then goes on. The end is the uninterrupted -j 0 run's, bit for bit: a sample's augmentations do
+    not depend on the loader workers either."""
+    reference = tmp_path / "reference"
+    main_moco_mgd.main(_args(six_step_data, reference, teacher_path, epochs=2))
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "main_moco_mgd.py", *_args(six_step_data, out, teacher_path, epochs=2, extra=["-j", "2"])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}   # the reference's arithmetic
+    for point, signum in (((0, 1), signal.SIGUSR2), ((0, 4), signal.SIGTERM), ((1, 2), signal.SIGINT)):
+        code = _stop_at(cmd, out, point, lambda p: p.send_signal(signum), env)
+        assert code == 128 + signum, (out / "log.txt").read_text()[-3000:]
+    final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    _assert_same_state(_load(out / "checkpoint_0001.pth.tar"), _load(reference / "checkpoint_0001.pth.tar"))
+    stops, resumes = _stops_and_resumes(out)
+    assert [s[0] for s in stops] == ["SIGUSR2", "SIGTERM", "SIGINT"]
+    assert [(e, i) for _, e, i in stops] == [(e, i) for _, e, i, _ in resumes]
+    assert [r[3] for r in resumes] == ["0", "0", "0"]          # nothing trained twice
+    # The epoch means come out the same too: a resumed epoch carries the sums of its first part.
+    epochs = lambda out: [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(out)
+                          if r["kind"] == "epoch"]
+    assert epochs(out) == epochs(reference)
+    assert not list(out.glob("checkpoint_*_iter*"))            # superseded by the epoch ends
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
+
+
+def test_two_processes_stopped_and_resumed_across_launchers(six_step_data, teacher_path, tmp_path):
+    """torchrun runs the reference; an mp.spawn run (--multiprocessing-distributed) gets a Ctrl-C
+    on its whole process group, as from a terminal; torchrun resumes it and gets a SIGTERM on its
+    own process (it passes it on); mp.spawn finishes it. Same weights as the reference."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    torchrun = lambda out: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(free_port()), "main_moco_mgd.py", *_args(six_step_data, out, teacher_path),
+                            "--dist-url", "env://", "--dist-backend", "gloo"]
+    spawn = lambda out: [sys.executable, "main_moco_mgd.py", *_args(six_step_data, out, teacher_path),
+                         "--multiprocessing-distributed", "--nproc-per-node", "2", "--world-size", "1", "--rank", "0",
+                         "--dist-url", f"tcp://127.0.0.1:{free_port()}"]
+    reference = tmp_path / "reference"
+    result = subprocess.run(torchrun(reference), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    state = _load(tmp_path / "checkpoint_0000.pth.tar")
-    log = (tmp_path / "log.txt").read_text()
+    log = (reference / "log.txt").read_text()
     assert "2 process(es) x 4 images" in log
     assert "matching after 0 epoch(s): 12 images (6 on this rank)" in log  # both ranks' shards summed
-    assert state["epoch"] == 1 and state["mgd"] is not None
+    matching = [r for r in read_metrics(reference) if r["kind"] == "matching"]
+    assert [(m["epoch"], m["num_images"]) for m in matching] == [(0, 12), (1, 12)]
 
-
-def test_two_processes_with_multiprocessing_distributed(data_dir, teacher_path, tmp_path):
-    main_moco_mgd.main(_args(data_dir, tmp_path, teacher_path, epochs=1) + [
-        "--multiprocessing-distributed", "--nproc-per-node", "2", "--world-size", "1", "--rank", "0",
-        "--dist-url", f"tcp://127.0.0.1:{free_port()}"])
-    assert list_checkpoints(tmp_path)[-1].name == "checkpoint_0000.pth.tar"
-    state = _load(tmp_path / "checkpoint_0000.pth.tar")
-    assert state["epoch"] == 1 and state["mgd"] is not None
-    log = (tmp_path / "log.txt").read_text()
-    # Two processes ran: the run says so, and the matching summed the statistics of both ranks'
-    # shards of the 12 --mgd-samples images (6 on rank 0, who writes the log).
-    assert "2 process(es) x 4 images" in log
-    assert "matching after 0 epoch(s): 12 images (6 on this rank)" in log
-    matching = [r for r in read_metrics(tmp_path) if r["kind"] == "matching"]
-    assert [(m["epoch"], m["num_images"]) for m in matching] == [(0, 12)]
+    out = tmp_path / "stopped"
+    assert _stop_at(spawn(out), out, (0, 1), lambda p: os.killpg(p.pid, signal.SIGINT), env) == 130
+    _stop_at(torchrun(out), out, (1, 1), lambda p: p.send_signal(signal.SIGTERM), env)  # torchrun's own code
+    result = subprocess.run(spawn(out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _assert_same_state(_load(out / "checkpoint_0001.pth.tar"), _load(reference / "checkpoint_0001.pth.tar"))
+    stops, resumes = _stops_and_resumes(out)
+    assert [s[0] for s in stops] == ["SIGINT", "SIGTERM"]
+    assert [(e, i) for _, e, i in stops] == [(e, i) for _, e, i, _ in resumes]
+    assert [r[3] for r in resumes] == ["0", "0"]
 
 
 # --- bad input: a clear error before training, nothing saved is overwritten ---------

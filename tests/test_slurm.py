@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ import torch
 import main_moco_mgd
 from moco_mgd.runtime.checkpoint import list_checkpoints
 from moco_mgd.runtime import slurm as submit
-from tests.helpers import make_image_folder, moco_v2_checkpoint
+from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
@@ -199,7 +202,8 @@ def _cannot(reason: str):
 def slurm_cluster(tmp_path_factory):
     """Stand up the local cluster (or reuse one that answers); tear it down if this session started it."""
     state = tmp_path_factory.mktemp("slurm_state")
-    env = {**os.environ, "SLURM_LOCAL_STATE": str(state)}
+    # 4 CPUs on a 2-core machine: the preemption test runs its 1-task and 2-task jobs side by side.
+    env = {**os.environ, "SLURM_LOCAL_STATE": str(state), "SLURM_LOCAL_CPUS": str(max(4, os.cpu_count() or 1))}
     if shutil.which("sinfo") and subprocess.run(["bash", str(CLUSTER), "status"], env=env,
                                                 capture_output=True).returncode == 0:
         yield {"setup_s": 0.0, "reused": True}
@@ -294,53 +298,82 @@ def _wait_for_file(path, job):
         time.sleep(0.2)
 
 
-def test_preemptions_requeue_and_resume_to_the_uninterrupted_result(slurm_cluster, teacher_path, tmp_path):
-    data = make_image_folder(str(tmp_path / "data"), splits=("train",), per_class=40)   # 10 steps per epoch
-    args = _train_args(data, teacher_path, epochs=3)
-    job = submit.main(["pretrain", *args, *_cpu_cluster_args(tmp_path / "jobs" / "%j")])   # --timeout 60
-    out = Path(submit.resolve_job_id(str(tmp_path / "jobs" / "%j"), job.job_id))
-    # Two preemptions, each in the epoch after a checkpoint (an epoch takes a few seconds).
-    for epoch in (0, 1):
-        _wait_for_file(out / f"checkpoint_{epoch:04d}.pth.tar", job)
-        assert not (out / "checkpoint_0002.pth.tar").exists()
-        subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
-
-    # While SLURM requeues it, the same configuration without interruption, in this process, on the
-    # job's single thread (--cpus-per-task 1) so that the arithmetic is the same.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _train_records(out: Path) -> int:
     try:
-        main_moco_mgd.main([*args, "--output-dir", str(tmp_path / "straight")])
-    finally:
-        torch.set_num_threads(threads)
+        return sum('"kind": "train"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
 
-    _wait(job)
+
+PREEMPTIONS = 10
+
+
+def _preempt(job, out: Path, moments: random.Random) -> None:
+    """``PREEMPTIONS`` times: once a new run of the job trains (a train record of its own), a random
+    pause, then ``scancel --signal=USR2``; wait until that run has said where it stopped."""
+    for _ in range(PREEMPTIONS):
+        seen = _train_records(out)
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while _train_records(out) <= seen:
+            assert time.monotonic() < deadline and not job.done(force_check=True), _logs(job)
+            time.sleep(0.1)
+        time.sleep(moments.uniform(0.0, 1.0))
+        assert not (out / "checkpoint_0003.pth.tar").exists(), "the run ended before the 10th preemption"
+        subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while "stopped after epoch" not in (out / "log.txt").read_text().split("resumed from")[-1]:
+            assert time.monotonic() < deadline, _logs(job)
+            time.sleep(0.1)
+
+
+def _check_ten_preemptions(job, out: Path, straight: Path) -> str:
     log = (out / "log.txt").read_text()
-    assert f"resumed from {out / 'checkpoint_0000.pth.tar'} at epoch 1" in log, log
-    assert f"resumed from {out / 'checkpoint_0001.pth.tar'} at epoch 2" in log, log
+    stops = re.findall(r"SIGUSR2: every process stopped after epoch (\d+) iteration (\d+)/10", log)
+    resumes = re.findall(r"resumed from \S+ at epoch (\d+)(?: iteration (\d+))? \((\d+) iteration\(s\) trained again",
+                         log)
+    redone = [int(r[2]) for r in resumes]
+    assert len(stops) == len(resumes) == PREEMPTIONS, log[-3000:]
+    assert [(e, i) for e, i in stops] == [(e, i or "0") for e, i, _ in resumes]
+    assert redone == [0] * PREEMPTIONS
     task_log = (out / f"{job.job_id}_0_log.err").read_text()
-    assert task_log.count("this job is preempted") == 2, task_log[-3000:]      # not counted as time-outs
+    assert task_log.count("this job is preempted") == PREEMPTIONS, task_log[-3000:]      # not time-outs
     restarts = subprocess.run(["scontrol", "show", "job", str(job.job_id)], capture_output=True, text=True).stdout
-    assert "Restarts=2" in restarts, restarts
-    final, straight = _load(out / "checkpoint_0002.pth.tar"), _load(tmp_path / "straight" / "checkpoint_0002.pth.tar")
-    assert final["epoch"] == straight["epoch"] == 3
-    assert final["state_dict"].keys() == straight["state_dict"].keys()
-    for key in straight["state_dict"]:
-        assert torch.equal(final["state_dict"][key], straight["state_dict"][key]), key
-    for key in straight["mgd"]:
-        assert torch.equal(final["mgd"][key], straight["mgd"][key]), key
+    assert f"Restarts={PREEMPTIONS}" in restarts, restarts
+    final, reference = _load(out / "checkpoint_0003.pth.tar"), _load(straight / "checkpoint_0003.pth.tar")
+    assert final["epoch"] == reference["epoch"] == 4
+    assert final["state_dict"].keys() == reference["state_dict"].keys()
+    for key in reference["state_dict"]:
+        assert torch.equal(final["state_dict"][key], reference["state_dict"][key]), key
+    for key in reference["mgd"]:
+        assert torch.equal(final["mgd"][key], reference["mgd"][key]), key
+    assert not [p.name for p in out.glob("checkpoint_*_iter*")]   # superseded by the epoch ends
+    return f"stopped at (epoch, iteration) {stops}; iterations trained again after each: {redone}"
 
 
-def test_preemption_of_a_two_task_job(slurm_cluster, teacher_path, tmp_path):
-    # Both tasks come back after the requeue and meet again at the same rendezvous (same job id).
-    data = make_image_folder(str(tmp_path / "data"), splits=("train",), per_class=40)
-    job = submit.main(["pretrain", *_train_args(data, teacher_path, epochs=2),
-                       *_cpu_cluster_args(tmp_path / "%j", tasks=2)])
-    out = Path(submit.resolve_job_id(str(tmp_path / "%j"), job.job_id))
-    _wait_for_file(out / "checkpoint_0000.pth.tar", job)
-    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
-    _wait(job)
-    log = (out / "log.txt").read_text()
-    assert f"resumed from {out / 'checkpoint_0000.pth.tar'} at epoch 1" in log, log
-    assert log.count("2 process(es) x 4 images") == 2
-    assert _load(out / "checkpoint_0001.pth.tar")["epoch"] == 2
+def test_ten_preemptions_lose_nothing_and_end_bitwise_equal(slurm_cluster, teacher_path, tmp_path):
+    """A 1-task and a 2-task MGD job, side by side, each get 10 ``scancel --signal=USR2`` at random
+    moments: each saves mid-epoch and is requeued, and each ends with the weights of a run never
+    interrupted (run beside them: one thread per process, as the jobs)."""
+    data = make_image_folder(str(tmp_path / "data"), splits=("train",), per_class=40)   # 10 steps per epoch
+    args = _train_args(data, teacher_path, epochs=4)
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"\npreemption moments drawn with random.Random({seed}) (1 task) and random.Random({seed + 1}) (2 tasks)")
+    runs = {}
+    for tasks in (1, 2):
+        job = submit.main(["pretrain", *args, *_cpu_cluster_args(tmp_path / f"jobs{tasks}" / "%j", tasks=tasks)])
+        out = Path(submit.resolve_job_id(str(tmp_path / f"jobs{tasks}" / "%j"), job.job_id))
+        straight = tmp_path / f"straight{tasks}"
+        launch = ["--multiprocessing-distributed", "--nproc-per-node", "2", "--dist-url",
+                  f"tcp://127.0.0.1:{free_port()}"] if tasks == 2 else []
+        reference = subprocess.Popen([sys.executable, "main_moco_mgd.py", *args, *launch, "--output-dir", str(straight)],
+                                     cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        runs[tasks] = (job, out, straight, reference)
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(_preempt, job, out, random.Random(seed + tasks - 1))
+                       for tasks, (job, out, _, _) in runs.items()]:
+            future.result()
+    for tasks, (job, out, straight, reference) in runs.items():
+        _wait(job)
+        assert reference.wait(timeout=JOB_TIMEOUT) == 0, reference.stderr.read()[-3000:]
+        print(f"{tasks} task(s): {_check_ten_preemptions(job, out, straight)}")

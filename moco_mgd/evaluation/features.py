@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from moco_mgd.runtime import distributed
+from moco_mgd.runtime.stopping import ignore_stop_signals
 
 __all__ = ["IndexedDataset", "extract_features"]
 
@@ -58,7 +59,7 @@ def extract_features(
     indexed = IndexedDataset(dataset)
     # Padded so that every rank has as many rows, which all_gather needs; a repeat writes the same row twice.
     loader = DataLoader(indexed, batch_size=batch_size, sampler=distributed.shard_indices(len(indexed), padded=True),
-                        num_workers=workers,
+                        num_workers=workers, worker_init_fn=ignore_stop_signals,
                         pin_memory=device.type == "cuda")
     indices, feats, labels = [], [], []
     try:

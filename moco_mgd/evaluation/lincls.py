@@ -216,9 +216,18 @@ def check_config(config: LinclsConfig, world_size: int, local_world_size: int) -
     train_set = build_dataset(config.dataset, config.data, "train")
     check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))
     model, _ = build_linear_model(config.arch, len(train_set.classes), config.pretrained, config.stem)
-    if config.resume:
-        _load_resume(config.resume, config.arch, model)
+    if resume_path(config):
+        _load_resume(resume_path(config), config.arch, model)
     check_writable(config.output_dir)
+
+
+def resume_path(config: LinclsConfig) -> str:
+    """``--resume``, or else this output directory's own ``checkpoint.pth.tar`` (a run stopped
+    and started again goes on from its last epoch by itself, as pretraining does)."""
+    if config.resume or config.evaluate:
+        return config.resume
+    own = Path(config.output_dir) / "checkpoint.pth.tar"
+    return str(own) if own.is_file() else ""
 
 
 def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
@@ -245,11 +254,12 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
     optimizer = torch.optim.SGD(model.fc.parameters(), config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     start_epoch, best_acc1 = config.start_epoch, 0.0
-    if config.resume:
-        state = _load_resume(config.resume, config.arch, model)
+    resume = resume_path(config)
+    if resume:
+        state = _load_resume(resume, config.arch, model)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_acc1 = state["epoch"], float(state["best_acc1"])
-        logger.info(f"resumed from {config.resume} at epoch {start_epoch} (best top-1 {best_acc1:.2f})")
+        logger.info(f"resumed from {resume} at epoch {start_epoch} (best top-1 {best_acc1:.2f})")
     reference = reference or frozen_state(model)
     check_frozen_weights(model, reference)  # a --resume of another backbone than --pretrained fails here
     metrics = MetricsLog(output_dir, env.is_main, config=asdict(config))

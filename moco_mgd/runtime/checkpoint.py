@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_NAME = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
+# checkpoint_0003.pth.tar: after epoch 3 (0-based); checkpoint_0004_iter000017.pth.tar: 17 iterations into epoch 4.
+_NAME = re.compile(r"^checkpoint_(\d{4,})(?:_iter(\d{6,}))?\.pth\.tar$")
 
 
 def check_writable(directory: str | os.PathLike, flag: str = "--output-dir") -> None:
@@ -65,9 +66,19 @@ def check_writable(directory: str | os.PathLike, flag: str = "--output-dir") -> 
                               f"pass {flag} to a directory you can write to") from None
 
 
-def checkpoint_path(output_dir: str | os.PathLike, epoch: int) -> Path:
-    """MoCo's name for the checkpoint written after ``epoch`` epochs."""
-    return Path(output_dir) / f"checkpoint_{epoch:04d}.pth.tar"
+def checkpoint_path(output_dir: str | os.PathLike, epoch: int, iteration: int | None = None) -> Path:
+    """MoCo's name for the checkpoint at the end of epoch ``epoch`` (0-based); with ``iteration``,
+    the one saved ``iteration`` iterations into that epoch (a stop on a signal)."""
+    suffix = "" if iteration is None else f"_iter{iteration:06d}"
+    return Path(output_dir) / f"checkpoint_{epoch:04d}{suffix}.pth.tar"
+
+
+def _position(path: Path) -> tuple[int, float] | None:
+    """Where a checkpoint name stands in a run: (epoch, iteration), an epoch's end after all its iterations."""
+    match = _NAME.match(path.name)
+    if match is None:
+        return None
+    return int(match.group(1)), float("inf") if match.group(2) is None else int(match.group(2))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -185,7 +196,8 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike, keep: int = 0) -> P
     flushed and fsynced, renamed onto ``path``, and the directory fsynced: a kill at any
     moment (even ``kill -9``) leaves the previous checkpoints complete and at most a
     temporary file, which :func:`latest_checkpoint` never picks and the next save removes.
-    Older checkpoints are pruned only once the new one is in place.
+    Older checkpoints are pruned only once the new one is in place; so are the mid-epoch
+    checkpoints that come before it in the run (superseded, whatever ``keep`` says).
 
     One process writes to a directory (rank 0 of one run): temporary files of processes no
     longer alive on this machine are deleted here.
@@ -221,19 +233,26 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike, keep: int = 0) -> P
             raise CheckpointSpaceError(path, _serialized_size(state), shutil.disk_usage(path.parent).free) from None
         raise
     _fsync_dir(path.parent)
+    existing = list_checkpoints(path.parent)
+    position = _position(path)
+    if position is not None:
+        for old in existing:
+            if old != path and _NAME.match(old.name).group(2) is not None and _position(old) < position:
+                old.unlink(missing_ok=True)
+        existing = list_checkpoints(path.parent)
     if keep > 0:
-        for old in list_checkpoints(path.parent)[:-keep]:
+        for old in existing[:-keep]:
             if old != path:
                 old.unlink(missing_ok=True)
     return path
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The complete checkpoints of ``output_dir``, oldest first (by epoch number)."""
+    """The complete checkpoints of ``output_dir``, oldest first (by epoch, then iteration within it)."""
     directory = Path(output_dir)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    found = [(position, p) for p in directory.iterdir() if (position := _position(p)) is not None]
     return [p for _, p in sorted(found)]
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "all_gather_cat",
     "all_gather_with_grad",
     "barrier",
+    "new_host_group",
 ]
 
 
@@ -118,3 +119,18 @@ def shard_indices(length: int, padded: bool = False) -> list[int]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+
+def new_host_group():
+    """A gloo group over all ranks for small CPU messages: the default group when it is gloo already.
+
+    Why: a flag all-reduced over NCCL has to be read back from the GPU, which waits for every
+    queued kernel; over gloo it never touches the GPU. Collective: every rank calls it at the
+    same point of the run. None without a process group.
+    """
+    if not is_distributed():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")

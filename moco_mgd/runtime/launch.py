@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moco_mgd.runtime import stopping
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
 
 __all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
@@ -92,14 +94,54 @@ def _spawned(local_rank: int, worker: Callable, config, nprocs: int, nodes: int,
     device = _device_for(local_rank, None)
     init_process_group(dist_backend, dist_url, nodes * nprocs, rank, device)
     try:
-        worker(config, DistEnv(rank, nodes * nprocs, local_rank, nprocs, device))
+        stopped = worker(config, DistEnv(rank, nodes * nprocs, local_rank, nprocs, device))
     finally:
         dist.destroy_process_group()
+    if stopped:  # saved on a signal: the parent learns it from the exit code
+        raise SystemExit(stopping.exit_code(stopped))
+
+
+def _spawn(nprocs: int, args: tuple) -> frozenset[int]:
+    """MoCo's ``mp.spawn``, with the stop signals in mind.
+
+    A Ctrl-C reaches the children too (one process group): the parent waits while they save. A
+    SIGTERM or USR2 sent to the parent alone is passed on to them. A child that saved on a
+    signal exits with 128 + its number: returned as that signal.
+    """
+    context = mp.start_processes(_spawned, args=args, nprocs=nprocs, join=False, start_method="spawn")
+
+    def pass_on(signum, frame):
+        if signum == signal.SIGINT:
+            logger.warning("Ctrl-C: waiting for the processes to save and stop")
+            return
+        for pid in context.pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, pass_on) for s in stopping.STOP_SIGNALS}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as exc:
+        signum = exc.exit_code - 128 if exc.exit_code > 128 else None
+        if signum in stopping.STOP_SIGNALS:
+            return frozenset({signal.Signals(signum)})
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return frozenset()
 
 
 def launch(worker: Callable, config, *, dist_url: str, dist_backend: str, world_size: int, rank: int,
-           multiprocessing_distributed: bool, nproc_per_node: int | None = None, gpu: int | None = None) -> None:
+           multiprocessing_distributed: bool, nproc_per_node: int | None = None,
+           gpu: int | None = None) -> frozenset[int]:
     """Run ``worker(config, env)`` in the processes the flags ask for.
+
+    Returns the stop signals the run saved and stopped on (``worker`` returns them; empty when it
+    ran to its end).
 
     * ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set): one process each, group
       from the environment (``--dist-url env://``).
@@ -114,22 +156,22 @@ def launch(worker: Callable, config, *, dist_url: str, dist_backend: str, world_
         init_process_group(dist_backend, "env://", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), device)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         try:
-            worker(config, DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device))
+            stopped = worker(config, DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device))
         finally:
             dist.destroy_process_group()
     elif multiprocessing_distributed:
         nprocs = procs_per_node(nproc_per_node)
-        mp.spawn(_spawned, nprocs=nprocs, join=True,
-                 args=(worker, config, nprocs, world_size, rank, dist_url, dist_backend))
+        stopped = _spawn(nprocs, (worker, config, nprocs, world_size, rank, dist_url, dist_backend))
     elif world_size > 1:
         device = _device_for(0, gpu)
         init_process_group(dist_backend, dist_url, world_size, rank, device)
         try:
-            worker(config, DistEnv(rank, world_size, 0, 1, device))
+            stopped = worker(config, DistEnv(rank, world_size, 0, 1, device))
         finally:
             dist.destroy_process_group()
     else:
-        worker(config, DistEnv(device=_device_for(0, gpu)))
+        stopped = worker(config, DistEnv(device=_device_for(0, gpu)))
+    return frozenset(stopped or ())
 
 
 def add_launch_arguments(group) -> None:
@@ -195,6 +237,8 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, config_cla
         check(config, world, local)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         parser.exit(2, f"{program}: error: {exc}\n")
-    launch(worker, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
-           rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
-           nproc_per_node=args.nproc_per_node, gpu=args.gpu)
+    stopped = launch(worker, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
+                     rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
+                     nproc_per_node=args.nproc_per_node, gpu=args.gpu)
+    if stopped:  # saved on the signal; the exit code says the run is not finished
+        raise SystemExit(stopping.exit_code(stopped))

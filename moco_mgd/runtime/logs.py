@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["setup_logging", "MetricsLog", "format_duration", "read_metrics"]
+__all__ = ["setup_logging", "MetricsLog", "format_duration", "furthest_logged", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -60,6 +60,35 @@ def _plain(value):
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def furthest_logged(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The furthest point of training a ``metrics.jsonl`` records: ``(epoch, iterations done in it)``.
+
+    From its ``train`` records (every ``-p`` iterations), ``epoch`` ends and ``stop`` records; None
+    when there is no such record (or no file). A resumed run compares it with where it goes on.
+    """
+    furthest = None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        kind = record.get("kind")
+        if kind == "train":
+            point = (record["epoch"], record["iteration"] + 1)
+        elif kind == "epoch":
+            point = (record["epoch"] + 1, 0)
+        elif kind == "stop":
+            point = (record["epoch"], record["iteration"])
+        else:
+            continue
+        furthest = point if furthest is None else max(furthest, point)
+    return furthest
 
 
 class MetricsLog:

@@ -19,13 +19,16 @@ no shared-filesystem locking and no stale init file survives a requeue (a requeu
 and the previous incarnation's store is gone by then). A job of a single task runs without a
 process group, exactly as ``python main_moco_mgd.py`` does.
 
-Preemption and time limit: SLURM sends USR2 ``signal_delay`` seconds early; submitit calls
+Preemption and time limit: SLURM sends USR2 ``signal_delay`` seconds early. Pretraining takes the
+signal itself (:mod:`moco_mgd.runtime.stopping`): every task stops after the same iteration, task 0
+saves a mid-epoch checkpoint there, and only then does submitit's own handler run: it calls
 :meth:`Trainer.checkpoint`, which returns a fresh :class:`Trainer` of the same configuration, and
-requeues the job (same id, same job directory). The requeued pretraining resumes by itself from the
-newest complete checkpoint of its output directory (weights, queue, MGD assignment, optimizer,
-scaler, RNG): at most the current epoch is lost, never the run. Preemptions always requeue; time
-limits requeue up to ``--max-requeues`` times. Linear evaluation resumes from the
-``checkpoint.pth.tar`` of its output directory.
+requeues the job (same id, same job directory). The requeued pretraining goes on from that
+iteration (weights, queues, MGD assignment, optimizer, scaler, RNG, sampler position), bit for bit
+as if never stopped: nothing is trained twice. A SIGTERM (a preemption with ``PreemptMode=REQUEUE``
+requeues by itself) also saves first. Preemptions always requeue; time limits requeue up to
+``--max-requeues`` times. Linear evaluation is requeued at once and resumes from the
+``checkpoint.pth.tar`` of its output directory (the last epoch).
 """
 from __future__ import annotations
 
@@ -139,16 +142,38 @@ class Trainer:
                 torch.set_num_threads(int(cpus))
         env = DistEnv(job.global_rank, job.num_tasks, job.local_rank, job.num_tasks // job.num_nodes, device)
         if job.num_tasks == 1:   # as a plain single-process run: no process group
-            worker(config, env)
-            return config.output_dir
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        init_method = f"tcp://{job.hostnames[0]}:{rendezvous_port(job.job_id)}"
-        init_process_group(backend, init_method, job.num_tasks, job.global_rank, device)
-        try:
-            worker(config, env)
-        finally:
-            dist.destroy_process_group()
+            stopped = worker(config, env)
+        else:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            init_method = f"tcp://{job.hostnames[0]}:{rendezvous_port(job.job_id)}"
+            init_process_group(backend, init_method, job.num_tasks, job.global_rank, device)
+            try:
+                stopped = worker(config, env)
+            finally:
+                dist.destroy_process_group()
+        if stopped:
+            self._after_stop(stopped)
         return config.output_dir
+
+    @staticmethod
+    def _after_stop(stopped: frozenset[int]) -> None:
+        """The run saved on a signal: now what submitit would have done at once on USR2.
+
+        Its handler (put back by the run) calls :meth:`checkpoint`, requeues the job and exits on
+        task 0; the other tasks wait for the requeue to end them. Never a normal return, which
+        would record the job as finished.
+        """
+        import signal
+        import time
+
+        from moco_mgd.runtime.stopping import exit_code
+
+        if signal.SIGUSR2 in stopped:
+            requeue = signal.getsignal(signal.SIGUSR2)
+            if callable(requeue):
+                requeue(signal.SIGUSR2, None)
+            time.sleep(300)
+        raise SystemExit(exit_code(stopped))
 
     def _resume_point(self, config):
         """After a requeue, continue from what this job saved last (never from scratch, never from an
@@ -167,8 +192,9 @@ class Trainer:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on USR2 (preemption or time limit) before it requeues the job.
 
-        Pretraining checkpoints every epoch by itself (atomically), so there is nothing to save
-        here: the requeued job resumes from the newest complete checkpoint of the output directory.
+        Pretraining has saved where it stopped by then (and every epoch, atomically), so there is
+        nothing to save here: the requeued job resumes from the newest complete checkpoint of the
+        output directory.
         """
         import submitit
 

@@ -168,13 +168,24 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
             build_embedding_distiller(config, teacher)
     resume = config.resume or ckpt.latest_checkpoint(config.output_dir)
     if resume:
-        check_resume(load_checkpoint_file(resume, "--resume checkpoint"), config, str(resume))
+        check_resume(load_checkpoint_file(resume, "--resume checkpoint"), config, str(resume), world_size)
 
 
-def check_resume(checkpoint, config: PretrainConfig, path: str) -> None:
-    """A checkpoint must come from a run of the same student (and teacher, with MGD on)."""
+def check_resume(checkpoint, config: PretrainConfig, path: str, world_size: int) -> None:
+    """A checkpoint must come from a run of the same student (and teacher, with MGD on); one saved
+    mid-epoch, from the same processes and batch (the rest of the epoch is their shards)."""
     saved = checkpoint.get("config") or {}
     differences = []
+    if checkpoint.get("iteration") is not None:
+        epoch = checkpoint["epoch"]
+        instead = (f"resume from the end of epoch {epoch - 1} (--resume ...checkpoint_{epoch - 1:04d}.pth.tar)"
+                   if epoch > 0 else "start again in a new --output-dir")
+        for what, then, now in (("processes", checkpoint.get("world_size"), world_size),
+                                ("-b/--batch-size", saved.get("batch_size"), config.batch_size)):
+            if then is not None and then != now:
+                differences.append(f"it was saved {checkpoint['iteration']} iterations into epoch {epoch} by a "
+                                   f"run with {what} {then} (now {now}), and the rest of that epoch is their "
+                                   f"shards: go on with {then}, or {instead}")
     if checkpoint.get("arch") != config.arch:
         differences.append(f"student -a {checkpoint.get('arch')!r} vs {config.arch!r}")
     for key in ("moco_dim", "moco_k", "mlp", "stem", "mlp_hidden_dim", "embedding_bn"):

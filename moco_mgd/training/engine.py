@@ -17,15 +17,43 @@ from moco_mgd.losses.embedding import EMBEDDING_LOSSES
 from moco_mgd.models.moco import contrastive_diagnostics
 from moco_mgd.runtime import distributed
 from moco_mgd.runtime.logs import MetricsLog, format_duration
+from moco_mgd.runtime.stopping import StopRequest
 from moco_mgd.training.distillation import Distillation
 
-__all__ = ["NonFiniteLossError", "StepOutput", "diagnostics_text", "training_step", "train_one_epoch"]
+__all__ = ["NonFiniteLossError", "EpochProgress", "RunStopped", "StepOutput", "diagnostics_text", "training_step",
+           "train_one_epoch"]
 
 logger = logging.getLogger("moco_mgd")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last checkpoint on disk is the last good state."""
+
+
+@dataclass
+class EpochProgress:
+    """The part of an epoch already trained: what a mid-epoch checkpoint holds to finish it identically."""
+
+    iteration: int = 0                     # iterations (batches) done in the epoch
+    names: list[str] | None = None         # the logged values, in the order of ``sums``
+    sums: torch.Tensor | None = None       # their float64 sums over those iterations
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "names": self.names,
+                "sums": None if self.sums is None else self.sums.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device) -> "EpochProgress":
+        sums = state["sums"]
+        return cls(state["iteration"], state["names"], None if sums is None else sums.to(device))
+
+
+class RunStopped(Exception):
+    """Every rank stopped at the same iteration because a stop signal arrived (see runtime.stopping)."""
+
+    def __init__(self, signals: frozenset[int], epoch: int, progress: EpochProgress):
+        super().__init__(f"stopped by a signal at epoch {epoch} iteration {progress.iteration}")
+        self.signals, self.epoch, self.progress = signals, epoch, progress
 
 
 def _batch_to(images, device: torch.device, channels_last: bool):
@@ -118,8 +146,14 @@ def train_one_epoch(
     channels_last: bool = False,
     print_freq: int = 10,
     metrics: MetricsLog | None = None,
+    progress: EpochProgress | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, float]:
     """Train the PretrainModel (wrapped in DDP or not) for one pass over ``loader`` (:func:`training_step` each batch).
+
+    ``progress``: the part of this epoch trained before a resume (``loader`` then yields only the
+    batches after it). ``stop``: polled after every iteration but the epoch's last; when it
+    reports a signal, every rank stops there and :class:`RunStopped` carries the progress.
 
     Returns:
         Epoch means: ``loss``, ``infonce``, ``mgd`` (+ ``mgd_<stage>``), each embedding loss
@@ -129,27 +163,30 @@ def train_one_epoch(
     Raises:
         NonFiniteLossError: naming the epoch and the first iteration whose loss was NaN or inf,
             with that step's values. It is noticed at the next read-back: at most ``print_freq``
-            steps later, and at the latest at the end of the epoch, before any checkpoint.
+            steps later, and at the latest at the end of the epoch or at a stop, before any checkpoint.
+        RunStopped: a stop signal; the values so far are checked first, as at the end of an epoch.
     """
     model.train()
     stage_names = distillation.mgd.stage_names if distillation.mgd is not None else None
-    num_batches = len(loader) if hasattr(loader, "__len__") else None
+    done = progress.iteration if progress is not None else 0
+    num_batches = done + len(loader) if hasattr(loader, "__len__") else None
     world = distributed.get_world_size()
     # The step's values stay on the device: summed in float64 (as Python floats would be), read
-    # back only when printing and at the end of the epoch, so a step never waits for the GPU.
-    names: list[str] | None = None
-    sums = last = first_bad = bad_values = None
-    count = 0
+    # back only when printing, at a stop and at the end of the epoch, so a step never waits for the GPU.
+    names = progress.names if progress is not None else None
+    sums = progress.sums if progress is not None else None
+    last = first_bad = bad_values = None
+    count = 0   # iterations in this call (the rate); done + count in the epoch
     start = last_time = time.perf_counter()
     data_time = 0.0
 
-    def read_back(i: int) -> dict[str, float]:
+    def read_back() -> dict[str, float]:
         """The one host sync: the latest step's values; stops the run if any step so far was non-finite."""
         if int(first_bad) >= 0:
             raise _non_finite_error(epoch, int(first_bad), dict(zip(names, bad_values.tolist())))
         return dict(zip(names, last.tolist()))
 
-    for i, ((im_q, im_k), _) in enumerate(loader):
+    for i, ((im_q, im_k), _) in enumerate(loader, start=done):
         data_time += time.perf_counter() - last_time
         im_q = _batch_to(im_q, device, channels_last)
         im_k = _batch_to(im_k, device, channels_last)
@@ -157,6 +194,7 @@ def train_one_epoch(
         logged = out.logged(stage_names)
         if names is None:
             names = list(logged)
+        if first_bad is None:
             first_bad = torch.full((), -1, dtype=torch.long, device=out.loss.device)
         last = torch.stack([v.detach().double() for v in logged.values()])
         sums = last if sums is None else sums + last
@@ -165,7 +203,7 @@ def train_one_epoch(
         bad_values = last if bad_values is None else torch.where(newly_bad, last, bad_values)
         count += 1
         if print_freq and (i % print_freq == 0 or i + 1 == num_batches):
-            step = read_back(i)
+            step = read_back()
             elapsed = time.perf_counter() - start
             images_per_s = count * im_q.shape[0] * world / max(elapsed, 1e-9)
             eta = (num_batches - i - 1) * elapsed / count if num_batches else float("nan")
@@ -182,12 +220,15 @@ def train_one_epoch(
             )
             if metrics is not None:
                 metrics.log("train", epoch=epoch, iteration=i, images_per_s=images_per_s, **step)
+        if stop is not None and i + 1 != num_batches and (signals := stop.poll()):
+            read_back()  # never a checkpoint of a poisoned state
+            raise RunStopped(signals, epoch, EpochProgress(i + 1, names, sums))
         last_time = time.perf_counter()
     if count == 0:
         raise RuntimeError("the training loader yielded no batch: the dataset is smaller than one batch "
                            "(-b/--batch-size) on each process")
-    read_back(count - 1)  # before the caller saves a checkpoint: never one of a poisoned state
+    read_back()  # before the caller saves a checkpoint: never one of a poisoned state
     elapsed = time.perf_counter() - start
-    means = dict(zip(names, (sums / count).tolist()))
+    means = dict(zip(names, (sums / (done + count)).tolist()))
     means["images_per_s"] = count * im_q.shape[0] * world / max(elapsed, 1e-9)
     return means

@@ -20,12 +20,15 @@ from moco_mgd.losses.embedding import EMBEDDING_LOSSES
 from moco_mgd.models.resnet import load_checkpoint_file, resnet_trunk
 from moco_mgd.runtime import checkpoint as ckpt
 from moco_mgd.runtime import precision
-from moco_mgd.runtime.data import TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
+from moco_mgd.runtime import distributed
+from moco_mgd.runtime.data import (ResumableSampler, SeededSamples, TwoCropsTransform, build_dataset, eval_transform,
+                                   pretrain_transform, random_subset)
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
-from moco_mgd.runtime.logs import MetricsLog, setup_logging
+from moco_mgd.runtime.logs import MetricsLog, furthest_logged, setup_logging
+from moco_mgd.runtime.stopping import StopRequest, ignore_stop_signals, signal_names
 from moco_mgd.training.config import PretrainConfig, build_moco, check_resume
 from moco_mgd.training.distillation import Distillation, PretrainModel
-from moco_mgd.training.engine import NonFiniteLossError, diagnostics_text, train_one_epoch
+from moco_mgd.training.engine import EpochProgress, NonFiniteLossError, RunStopped, diagnostics_text, train_one_epoch
 from moco_mgd.training.run_state import restore_run_state, run_state
 from moco_mgd.training.schedules import learning_rate, set_learning_rate
 
@@ -34,18 +37,31 @@ __all__ = ["pretrain"]
 logger = logging.getLogger("moco_mgd")
 
 
-def _loader(dataset, batch_size: int, env: DistEnv, shuffle: bool, workers: int, seed: int, drop_last: bool):
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle,
-                                 seed=seed, drop_last=drop_last)
+def _loader(dataset, batch_size: int, env: DistEnv, workers: int, seed: int, sampler=None):
+    """The loaders of the run. Their own generator: making an iterator never draws from the global
+    RNG, whose stream (shuffle BN, random drop) a mid-epoch resume restores exactly."""
+    if sampler is None:
+        sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=False, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=env.device.type == "cuda", drop_last=drop_last,
-                      persistent_workers=workers > 0)
+                      pin_memory=env.device.type == "cuda", drop_last=isinstance(sampler, ResumableSampler),
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=ignore_stop_signals)
 
 
-def pretrain(config: PretrainConfig, env: DistEnv) -> None:
-    """The run of one process (all launch modes end here)."""
+def pretrain(config: PretrainConfig, env: DistEnv) -> frozenset[int]:
+    """The run of one process (all launch modes end here).
+
+    Returns the stop signals that ended it early (empty: it ran to its last epoch). On such a
+    signal every rank stops at the same iteration, rank 0 saves a checkpoint there, and running
+    the same command again goes on from it, bit for bit as if never stopped (on CPU).
+    """
     output_dir = Path(config.output_dir)
     setup_logging(output_dir, env.rank)
+    with StopRequest.for_run() as stop:
+        return _pretrain(config, env, output_dir, stop)
+
+
+def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: StopRequest) -> frozenset[int]:
     seed = config.seed if config.seed is not None else 0
     if config.seed is not None:
         random.seed(config.seed)
@@ -69,14 +85,14 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
     optimizer = torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
-    start_epoch = config.start_epoch
+    start_epoch, progress = config.start_epoch, None
     resume = config.resume or ckpt.latest_checkpoint(output_dir)
     rng_to_restore = None
     if resume:
         state = load_checkpoint_file(resume, "--resume checkpoint")
-        check_resume(state, config, str(resume))
-        start_epoch, rng_to_restore = restore_run_state(state, model, optimizer, scaler, distillation)
-        logger.info(f"resumed from {resume} at epoch {start_epoch}")
+        check_resume(state, config, str(resume), env.world_size)
+        start_epoch, progress, rng_to_restore = restore_run_state(state, model, optimizer, scaler, distillation,
+                                                                  device)
 
     ddp_model = pretrain_model
     if env.world_size > 1:  # one wrapper for everything that trains; the frozen teacher stays outside
@@ -87,12 +103,19 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
         dataset = build_dataset(config.dataset, config.data, "train", transform, config.max_skipped_images)
         return random_subset(dataset, config.max_images, seed) if config.max_images else dataset
 
-    train_set = train_images(TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus)))
-    train_loader = _loader(train_set, batch, env, True, config.workers, seed, drop_last=True)
+    # Each image's augmentations are seeded by (seed, epoch, index): an epoch resumed part-way
+    # goes on with the batches it would have had, whatever -j.
+    train_set = SeededSamples(train_images(TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus))),
+                              seed)
+    sampler = ResumableSampler(train_set, batch, env.world_size, env.rank, seed)
+    train_loader = _loader(train_set, batch, env, config.workers, seed, sampler)
+    if resume:
+        logger.info(f"resumed from {resume} at epoch {start_epoch}" + _resume_text(
+            output_dir, start_epoch, progress, sampler.batches_per_epoch()))
     match_loader = None
     if mgd is not None:
         match_set = random_subset(train_images(eval_transform(config.image_size)), config.mgd_samples, seed)
-        match_loader = _loader(match_set, batch, env, False, config.workers, seed, drop_last=False)
+        match_loader = _loader(match_set, batch, env, config.workers, seed)
     knn_sets = None
     if config.knn_freq:
         knn_sets = (train_images(eval_transform(config.image_size)),
@@ -110,17 +133,24 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
 
     if rng_to_restore is not None:
         ckpt.set_rng_state(rng_to_restore)
-    if knn_sets is not None and distillation.teacher is not None and start_epoch == 0:
+    if knn_sets is not None and distillation.teacher is not None and start_epoch == 0 and progress is None:
         # The reference line the student is heading for (the trunk: the teacher may output its embedding).
         knn_monitor(distillation.teacher_trunk(), "knn_teacher", 0)
     distillation.prepare(model.encoder_q, match_loader, device, autocast_dtype, metrics)
     try:
         for epoch in range(start_epoch, config.epochs):
-            train_loader.sampler.set_epoch(epoch)
+            resumed = progress if epoch == start_epoch else None
+            train_loader.sampler.set_epoch(epoch, resumed.iteration if resumed is not None else 0)
             lr = learning_rate(config.lr, epoch, config.epochs, config.cos, config.schedule)
             set_learning_rate(optimizer, lr)
-            means = train_one_epoch(ddp_model, optimizer, train_loader, epoch, device, distillation, scaler,
-                                    autocast_dtype, channels_last, config.print_freq, metrics)
+            try:
+                means = train_one_epoch(ddp_model, optimizer, train_loader, epoch, device, distillation, scaler,
+                                        autocast_dtype, channels_last, config.print_freq, metrics, resumed, stop)
+            except RunStopped as stopped:
+                _save_at_stop(stopped, config, env, output_dir, metrics, sampler.batches_per_epoch(),
+                              run_state(epoch, config, model, optimizer, scaler, distillation, stopped.progress,
+                                        env.world_size) if env.is_main else None)
+                return stopped.signals
             metrics.log("epoch", epoch=epoch, lr=lr, **means)
             distillation.after_epoch(epoch + 1, model.encoder_q, match_loader, device, autocast_dtype, metrics)
             if knn_sets is not None and (epoch + 1) % config.knn_freq == 0:
@@ -133,8 +163,16 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
                             + "".join(f" {name} {means[name]:.4g}" for name in EMBEDDING_LOSSES if name in means)
                             + f" acc@1 {means['acc1']:.1f} {diagnostics_text(means)} "
                             f"{means['images_per_s']:.1f} img/s; saved {path}")
+            if epoch + 1 < config.epochs and (signals := stop.poll()):
+                distributed.barrier()   # rank 0's checkpoint is complete
+                metrics.log("stop", epoch=epoch + 1, iteration=0, signals=signal_names(signals))
+                logger.info(f"{signal_names(signals)}: every process stopped after epoch {epoch + 1} iteration 0/"
+                            f"{sampler.batches_per_epoch()} (the end of epoch {epoch}, saved above). Run the same "
+                            f"command again to go on from there (nothing is trained twice)")
+                return signals
         if env.is_main:
             _write_figures(output_dir, metrics)
+        return frozenset()
     except NonFiniteLossError as exc:
         logger.error(str(exc))
         raise
@@ -142,6 +180,30 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> None:
         metrics.close()
 
 
+def _resume_text(output_dir: Path, epoch: int, progress: EpochProgress | None, batches_per_epoch: int) -> str:
+    """`` iteration K: ...``: where the resumed run goes on, and the iterations it trains again."""
+    iteration = progress.iteration if progress is not None else 0
+    text = f" iteration {iteration}" if iteration else ""
+    furthest = furthest_logged(output_dir / "metrics.jsonl")
+    if furthest is not None:
+        redone = (furthest[0] - epoch) * batches_per_epoch + furthest[1] - iteration
+        text += (f" ({max(redone, 0)} iteration(s) trained again: the interrupted run had logged up to epoch "
+                 f"{furthest[0]} iteration {furthest[1]})")
+    return text
+
+
+def _save_at_stop(stopped: RunStopped, config: PretrainConfig, env: DistEnv, output_dir: Path, metrics: MetricsLog,
+                  batches_per_epoch: int, state: dict | None) -> None:
+    """Rank 0 saves where every rank stopped; the others wait until it is on disk."""
+    names, iteration = signal_names(stopped.signals), stopped.progress.iteration
+    if env.is_main:
+        path = ckpt.save_checkpoint(state, ckpt.checkpoint_path(output_dir, stopped.epoch, iteration),
+                                    config.keep_checkpoints)
+        metrics.log("stop", epoch=stopped.epoch, iteration=iteration, signals=names)
+        logger.info(f"{names}: every process stopped after epoch {stopped.epoch} iteration {iteration}/"
+                    f"{batches_per_epoch}; saved {path}. Run the same command again to go on from there "
+                    f"(nothing is trained twice)")
+    distributed.barrier()
 def _write_figures(output_dir: Path, metrics: MetricsLog) -> None:
     """The run's figures beside its log, and in wandb when it is on.
 
