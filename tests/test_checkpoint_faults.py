@@ -210,6 +210,7 @@ def test_full_disk_stops_a_pretraining_run_with_the_message(data_dir, small_disk
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("moco_mgd.runtime.checkpoint.CheckpointSpaceError: no space left to save "
                               f"checkpoint_0001.pth.tar in {str(out)!r}: it needs "), result.stderr[-3000:]
+    assert "no space left to save checkpoint_0001.pth.tar" in (out / "log.txt").read_text().splitlines()[-1]
     previous = ckpt.checkpoint_path(out, 0)
     assert ckpt.list_checkpoints(out) == [previous] and ckpt.latest_checkpoint(out) == previous
     assert _load(previous)["epoch"] == 1 and _temporaries(out) == []

@@ -8,6 +8,9 @@ built here from the ResNet's structure, and a test-side inverse mapping rebuilds
 import os
 import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,10 +29,10 @@ CLOSE = dict(atol=1e-6, rtol=1e-5)
 NUM_CLASSES = 10
 
 
-def _lincls_checkpoint(arch="resnet18", stem="imagenet", seed=3):
+def _lincls_checkpoint(arch="resnet18", stem="imagenet", seed=3, num_classes=NUM_CLASSES):
     """What moco_mgd/evaluation/lincls.py saves: the whole model under ``module.``, its trained fc, and fc's SGD state."""
     torch.manual_seed(seed)
-    model = randomize_bn(build_resnet(arch, num_classes=NUM_CLASSES, stem=stem), seed)
+    model = randomize_bn(build_resnet(arch, num_classes=num_classes, stem=stem), seed)
     optimizer = torch.optim.SGD(model.fc.parameters(), 30.0, momentum=0.9)
     model.fc(torch.randn(2, model.fc.in_features)).sum().backward()
     optimizer.step()  # momentum buffers: the optimizer entry holds tensors, as a real one does
@@ -275,3 +278,32 @@ def test_existing_output_needs_force(sources, tmp_path, capsys):
     head = head_path(tmp_path / "m.pth")
     head.write_bytes(b"")
     assert "m.head.pth" in _fails(capsys, sources["moco"], "--to", "timm", "-o", tmp_path / "m.pth", "--keep-head")
+
+
+def _readme_section(title: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_use_the_student_commands_as_written(tmp_path, monkeypatch):
+    """The README's export commands and loading code, verbatim, on checkpoints at the paths they name."""
+    section = _readme_section("Use the student")
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
+                if line.startswith("python -m moco_mgd.runtime.export")]
+    snippets = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(commands) == 4 and len(snippets) == 2
+    (tmp_path / "runs" / "r18_mgd").mkdir(parents=True)
+    (tmp_path / "runs" / "r18_mgd_lincls").mkdir()
+    torch.save(_pretrain_checkpoint(), tmp_path / "runs" / "r18_mgd" / "checkpoint_0199.pth.tar")
+    torch.save(_lincls_checkpoint(num_classes=1000), tmp_path / "runs" / "r18_mgd_lincls" / "model_best.pth.tar")
+    for command in commands:
+        result = subprocess.run(command.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    monkeypatch.chdir(tmp_path)
+    batch = torch.randn(2, 3, 64, 64)
+    namespace = {}   # one session: the second snippet goes on from the first's imports
+    for snippet, expected in zip(snippets, [(2, 512), (2, 128)]):
+        exec(snippet, namespace)  # noqa: S102 - the README's code, as a user pastes it
+        assert namespace["model"].eval()(batch).shape == expected

@@ -173,7 +173,7 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
         if env.is_main:
             _write_figures(output_dir, metrics)
         return frozenset()
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, ckpt.CheckpointSpaceError) as exc:  # in log.txt too, not only the traceback
         logger.error(str(exc))
         raise
     finally:
