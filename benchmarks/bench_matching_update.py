@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 
 from moco_mgd.runtime import distributed
+from moco_mgd.runtime.launch import free_local_port
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 
@@ -124,13 +125,6 @@ def _run(rank: int, world_size: int, device: torch.device, args: argparse.Namesp
             "all_totals": [r[2] for r in runs]}))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +148,7 @@ def main() -> None:
         threads = args.threads or max(1, cores // world_size)
         with tempfile.TemporaryDirectory() as tmp:
             result = os.path.join(tmp, "result.json")
-            mp.spawn(_worker, args=(world_size, _free_port(), args, threads, result), nprocs=world_size, join=True)
+            mp.spawn(_worker, args=(world_size, free_local_port(), args, threads, result), nprocs=world_size, join=True)
             rows.append(json.loads(Path(result).read_text()))
 
     if args.device == "cuda":

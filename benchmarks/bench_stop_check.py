@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from moco_mgd.models.moco import MoCo
+from moco_mgd.runtime.launch import free_local_port
 from moco_mgd.runtime.stopping import StopRequest
 from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
 from moco_mgd.training.engine import training_step
@@ -62,11 +62,6 @@ def _run(rank: int, args: argparse.Namespace, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +74,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    mp.start_processes(_run, args=(args, _free_port(), queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_run, args=(args, free_local_port(), queue), nprocs=2, start_method="spawn")
     poll, plain, checked = queue.get()
     print(f"2 gloo processes x 1 thread, MoCo-v2 ResNet-18 under DDP, {args.image_size} px, "
           f"{args.batch_size} images per process; medians of {args.rounds} interleaved rounds\n")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import struct
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from moco_mgd.models.resnet import build_resnet
+from moco_mgd.runtime.launch import free_local_port
 
 
 def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
@@ -52,10 +52,7 @@ def moco_v2_checkpoint(arch: str = "resnet50", mlp: bool = True, seed: int = 0, 
     return checkpoint, encoder_q
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = free_local_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args) -> None:

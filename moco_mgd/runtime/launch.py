@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from moco_mgd.runtime import stopping
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
 
-__all__ = ["DistEnv", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
+__all__ = ["DistEnv", "free_local_port", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
            "add_launch_arguments", "config_defaults", "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
 
 logger = logging.getLogger("moco_mgd")
@@ -39,6 +39,15 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now: the rendezvous of a one-machine group (tests, benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launched_by_torchrun() -> bool:
