@@ -1,4 +1,4 @@
-"""python -m moco_mgd.runtime.export: round trips into torchvision, timm and detectron2 from three layouts, stems, bad input.
+"""python -m moco_mgd.export: round trips into torchvision, timm and detectron2 from three layouts, stems, bad input.
 
 Every round trip loads the exported file the way the export's printed instructions say (the printed
 torchvision / timm lines are executed as they are) and compares the forward with moco_mgd.models.resnet's
@@ -22,7 +22,7 @@ from torchvision.models.resnet import Bottleneck
 
 from moco_mgd.models.resnet import build_resnet, load_frozen_backbone
 from moco_mgd.runtime.checkpoint import with_module_prefix
-from moco_mgd.runtime.export import detectron2_name, head_path, main
+from moco_mgd.export import detectron2_name, head_path, main
 from tests.helpers import moco_v2_checkpoint, randomize_bn
 
 CLOSE = dict(atol=1e-6, rtol=1e-5)
@@ -289,7 +289,7 @@ def test_the_readme_use_the_student_commands_as_written(tmp_path, monkeypatch):
     """The README's export commands and loading code, verbatim, on checkpoints at the paths they name."""
     section = _readme_section("Use the student")
     commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
-                if line.startswith("python -m moco_mgd.runtime.export")]
+                if line.startswith("python -m moco_mgd.export")]
     snippets = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(commands) == 4 and len(snippets) == 2
     (tmp_path / "runs" / "r18_mgd").mkdir(parents=True)

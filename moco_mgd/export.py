@@ -1,6 +1,6 @@
 """Take the student out: a checkpoint's backbone as torchvision, timm or detectron2 weights.
 
-``python -m moco_mgd.runtime.export CKPT --to torchvision|timm|detectron2 -o OUT`` reads any layout of
+``python -m moco_mgd.export CKPT --to torchvision|timm|detectron2 -o OUT`` reads any layout of
 :mod:`moco_mgd.models.resnet` (this project's pretraining and linear-eval checkpoints, MoCo's, torchvision's)
 and keeps the query encoder's backbone only:
 
@@ -200,7 +200,7 @@ def _how_to_load(target: str, arch: str, stem: str, out: Path, num_classes: int 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moco_mgd.runtime.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moco_mgd.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint in any layout moco_mgd.models.resnet reads")
     parser.add_argument("--to", required=True, choices=TARGETS, help="the library that will load OUT")
