@@ -97,7 +97,9 @@ SchedulerParameters=sched_interval=2,bf_interval=1
 ReturnToService=2
 SlurmdParameters=config_overrides
 MailProg=/bin/true
-KillWait=5
+# a requeued task that is not task 0 waits to be ended by the requeue (SIGTERM, then SIGKILL
+# after KillWait): 2 s rather than the 30 s of a production cluster keeps the preemption test short
+KillWait=2
 StateSaveLocation=/var/lib/slurm/slurmctld
 SlurmdSpoolDir=/var/lib/slurm/slurmd
 SlurmctldPidFile=$STATE/slurmctld.pid

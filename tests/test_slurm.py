@@ -251,44 +251,17 @@ def _logs(job):
     return "\n".join(text)
 
 
-@pytest.fixture(scope="module")
-def one_task_job(slurm_cluster, data_dir, teacher_path, tmp_path_factory):
-    jobs = tmp_path_factory.mktemp("jobs1")
-    job = submit.main(["pretrain", *_train_args(data_dir, teacher_path, epochs=2,
-                                                extra=_cpu_cluster_args(jobs / "%j"))])
-    return job, Path(_wait(job))
-
-
-def test_mgd_pretraining_one_task(one_task_job):
-    job, out = one_task_job
-    assert out == Path(job.paths.folder) and out.name == str(job.job_id)      # %j resolved to the job id
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]
-    state = _load(out / "checkpoint_0001.pth.tar")
-    assert state["epoch"] == 2 and state["mgd"] is not None and state["arch"] == "resnet18"
-    assert "1 process(es) x 8 images on cpu" in (out / "log.txt").read_text()
-    assert "resumed from" not in (out / "log.txt").read_text()
-
-
-def test_mgd_pretraining_two_tasks_gloo(slurm_cluster, data_dir, teacher_path, tmp_path):
-    job = submit.main(["pretrain", *_train_args(data_dir, teacher_path, epochs=1,
-                                                extra=_cpu_cluster_args(tmp_path / "%j", tasks=2))])
-    out = Path(_wait(job))
-    assert "2 process(es) x 4 images" in (out / "log.txt").read_text()
-    state = _load(out / "checkpoint_0000.pth.tar")
-    assert state["epoch"] == 1 and state["mgd"] is not None
-    assert (out / f"{job.job_id}_1_log.out").exists()    # the second task ran, and logged beside the first
-
-
-def test_linear_eval_job(slurm_cluster, one_task_job, data_dir, tmp_path):
-    _, pretrain_out = one_task_job
-    last = list_checkpoints(pretrain_out)[-1]
+def test_linear_eval_job(slurm_cluster, data_dir, tmp_path):
+    checkpoint, _ = moco_v2_checkpoint("resnet18", mlp=True, dim=16)
+    pretrained = tmp_path / "checkpoint_0001.pth.tar"
+    torch.save(checkpoint, pretrained)
     job = submit.main(["lincls", str(data_dir), "-a", "resnet18", "--epochs", "2", "-b", "8", "-j", "0",
-                       "--image-size", "32", "--seed", "0", "-p", "1", "--pretrained", str(last),
+                       "--image-size", "32", "--seed", "0", "-p", "1", "--pretrained", str(pretrained),
                        *_cpu_cluster_args(tmp_path / "%j")])
     out = Path(_wait(job))
     state = _load(out / "checkpoint.pth.tar")
     assert state["epoch"] == 2 and state["arch"] == "resnet18"
-    assert str(last) in (out / "log.txt").read_text()
+    assert str(pretrained) in (out / "log.txt").read_text()
 
 
 def _wait_for_file(path, job):
@@ -326,8 +299,11 @@ def _preempt(job, out: Path, moments: random.Random) -> None:
             time.sleep(0.1)
 
 
-def _check_ten_preemptions(job, out: Path, straight: Path) -> str:
+def _check_ten_preemptions(job, tasks: int, out: Path, straight: Path) -> str:
+    assert out.name == str(job.job_id)                       # %j in --job-dir resolved to the job id
     log = (out / "log.txt").read_text()
+    assert f"{tasks} process(es) x {8 // tasks} images on cpu" in log.split("resumed from")[0]
+    assert all((out / f"{job.job_id}_{task}_log.out").exists() for task in range(tasks))   # each task logged
     stops = re.findall(r"SIGUSR2: every process stopped after epoch (\d+) iteration (\d+)/10", log)
     resumes = re.findall(r"resumed from \S+ at epoch (\d+)(?: iteration (\d+))? \((\d+) iteration\(s\) trained again",
                          log)
@@ -346,6 +322,7 @@ def _check_ten_preemptions(job, out: Path, straight: Path) -> str:
         assert torch.equal(final["state_dict"][key], reference["state_dict"][key]), key
     for key in reference["mgd"]:
         assert torch.equal(final["mgd"][key], reference["mgd"][key]), key
+    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint_{e:04d}.pth.tar" for e in range(4)]
     assert not [p.name for p in out.glob("checkpoint_*_iter*")]   # superseded by the epoch ends
     return f"stopped at (epoch, iteration) {stops}; iterations trained again after each: {redone}"
 
@@ -376,4 +353,4 @@ def test_ten_preemptions_lose_nothing_and_end_bitwise_equal(slurm_cluster, teach
     for tasks, (job, out, straight, reference) in runs.items():
         _wait(job)
         assert reference.wait(timeout=JOB_TIMEOUT) == 0, reference.stderr.read()[-3000:]
-        print(f"{tasks} task(s): {_check_ten_preemptions(job, out, straight)}")
+        print(f"{tasks} task(s): {_check_ten_preemptions(job, tasks, out, straight)}")

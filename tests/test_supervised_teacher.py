@@ -55,14 +55,20 @@ def test_an_interrupted_teacher_resumes_to_the_same_weights(fashion_dir, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bad_arguments_are_refused_before_training(fashion_dir, tmp_path):
+def test_bad_arguments_are_refused_before_training(fashion_dir, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import supervised_teacher
+
     for flags, message in ((["--lr", "0"], "--lr 0.0: must be positive"),
                            (["--epochs", "0"], "--epochs 0: must be at least 1"),
                            (["-b", "64"], "fewer than one batch")):
-        result = _train(fashion_dir, tmp_path / "o", *flags)
-        assert result.returncode == 2 and message in result.stderr, result.stderr[-1000:]
+        with pytest.raises(SystemExit) as refused:    # in this process: refused before anything is written
+            supervised_teacher.main([str(fashion_dir), "--dataset", "fashion-mnist", "--image-size", "32",
+                                     "--max-images", "48", "-j", "0", "--output-dir", str(tmp_path / "o"), *flags])
+        stderr = capsys.readouterr().err
+        assert refused.value.code == 2 and message in stderr, stderr[-1000:]
     assert not list((tmp_path / "o").glob("checkpoint_*"))
-    result = _train(fashion_dir, tmp_path / "other", "-a", "resnet18")
+    result = _train(fashion_dir, tmp_path / "other", "-a", "resnet18", "--epochs", "1")
     assert result.returncode == 0
     result = _train(fashion_dir, tmp_path / "other", "-a", "resnet34")
     assert result.returncode == 2 and "holds a resnet18, not -a resnet34" in result.stderr

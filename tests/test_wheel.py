@@ -42,17 +42,23 @@ def test_the_wheel_holds_every_module_of_the_package(installed):
     assert "torch==2.14.1" in requires and "torchvision==0.29.2" in requires and len(requires) >= 8
 
 
+def _installed_only(target: Path) -> dict:
+    """Only the installed copy and the dependencies on the path: not this checkout (nor its editable install)."""
+    return {**os.environ, "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1"}
+
+
+def test_the_installed_copy_is_what_imports_from_another_directory(installed, tmp_path):
+    _, target = installed
+    where = subprocess.run([sys.executable, "-c", "import moco_mgd.training.pretrain as m, main_moco_mgd as e; "
+                            "print(m.__file__); print(e.__file__)"], cwd=tmp_path, env=_installed_only(target),
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert all(Path(p).is_relative_to(target) for p in where), where
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_runs_from_another_directory(installed, command, tmp_path):
     _, target = installed
-    # Only the installed copy and the dependencies: not this checkout (nor its editable install).
-    env = {**os.environ, "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1"}
-    script = target / "bin" / command
-    result = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(target / "bin" / command), "--help"], cwd=tmp_path,
+                            env=_installed_only(target), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower()
-    where = subprocess.run([sys.executable, "-c", "import moco_mgd.training.pretrain as m, main_moco_mgd as e; "
-                            "print(m.__file__); print(e.__file__)"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, check=True).stdout.split()
-    assert all(Path(p).is_relative_to(target) for p in where), where
