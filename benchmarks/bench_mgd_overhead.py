@@ -2,11 +2,13 @@
 
     overhead ratio = (MoCo+MGD step - plain MoCo step - teacher forward) / plain MoCo step
 
-Four things are timed in interleaved rounds (each round runs each once, in a rotated order), so
+Five things are timed in interleaved rounds (each round runs each once, in a rotated order), so
 that the machine's drift falls on all of them alike; the medians over the rounds give the ratio.
 The fourth is MGD's own work timed directly: the student BNs, the reduction and the partial L2,
 forward and backward, on one batch's real stage features. It is what the difference estimates,
-without the difference's noise.
+without the difference's noise. The fifth is the MoCo+MGD step followed by reading every logged
+value back to the host, as each step did before the losses stayed on the device: on a GPU, one
+synchronisation per value and step.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mgd_overhead.py --image-size 64 --batch-size 16
     OMP_NUM_THREADS=1 python benchmarks/bench_mgd_overhead.py --image-size 224 --batch-size 4
@@ -89,13 +91,20 @@ def build(args: argparse.Namespace) -> dict:
             loss, _ = mgd(student_stages, teacher_stages)
         loss.backward()
 
+    def mgd_step():
+        return training_step(mgd_model, mgd_opt, im_q, im_k, distillation, autocast_dtype=dtype)
+
+    def mgd_step_read_back():
+        # What every step did before issue 17: each logged value read to the host, one sync each.
+        [value.item() for value in mgd_step().logged(mgd.stage_names).values()]
+
     return {
         "plain MoCo-v2 step": lambda: training_step(plain_model, plain_opt, im_q, im_k, plain_distillation,
                                                     autocast_dtype=dtype),
         "teacher forward (stage features, no grad)": teacher_forward,
-        "MoCo-v2 + MGD step": lambda: training_step(mgd_model, mgd_opt, im_q, im_k, distillation,
-                                                    autocast_dtype=dtype),
+        "MoCo-v2 + MGD step": mgd_step,
         "MGD alone (student BNs + reduction + partial L2, fwd + bwd)": mgd_alone,
+        "MoCo-v2 + MGD step, every logged value read back": mgd_step_read_back,
         "_device": device,
     }
 
@@ -120,7 +129,7 @@ def main(argv=None) -> dict[str, float]:
     device = calls.pop("_device")
     times = interleaved(calls, device, args.rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
-    plain, teacher, step, alone = median.values()
+    plain, teacher, step, alone, step_read_back = median.values()
     print(f"{args.device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {args.image_size} px, "
           f"batch {args.batch_size}, {args.student} <- resnet50, reducer {args.reducer}; median of {args.rounds} "
           f"interleaved rounds")
@@ -130,6 +139,8 @@ def main(argv=None) -> dict[str, float]:
     ratio = (step - plain - teacher) / plain
     print(f"\noverhead ratio (MoCo+MGD - MoCo - teacher) / MoCo = {100 * ratio:.1f}%; "
           f"MGD alone / MoCo = {100 * alone / plain:.1f}%")
+    print(f"MoCo+MGD images/s: {args.batch_size / step:.2f} with no read-back in the step, "
+          f"{args.batch_size / step_read_back:.2f} reading every logged value back each step")
     return {"ratio": ratio, "alone_ratio": alone / plain, **median}
 
 
