@@ -1,6 +1,14 @@
 """Fixtures shared by the end-to-end tests (each test module gets its own copy)."""
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: one thread each, and for the processes the tests start
+    # (unless the caller chose a number).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from tests.helpers import make_image_folder, moco_v2_checkpoint
 
