@@ -316,7 +316,7 @@ def _check_ten_preemptions(job, tasks: int, out: Path, straight: Path) -> str:
     restarts = subprocess.run(["scontrol", "show", "job", str(job.job_id)], capture_output=True, text=True).stdout
     assert f"Restarts={PREEMPTIONS}" in restarts, restarts
     final, reference = _load(out / "checkpoint_0003.pth.tar"), _load(straight / "checkpoint_0003.pth.tar")
-    assert final["epoch"] == reference["epoch"] == 4
+    assert final["epoch"] == reference["epoch"] == 4 and final["arch"] == "resnet18"
     assert final["state_dict"].keys() == reference["state_dict"].keys()
     for key in reference["state_dict"]:
         assert torch.equal(final["state_dict"][key], reference["state_dict"][key]), key

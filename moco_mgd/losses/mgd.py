@@ -283,7 +283,8 @@ def reduce_grouped(
         for column in columns[1:]:
             part = teacher_feat.index_select(1, column)
             high = torch.maximum(high, part)
-            low = torch.minimum(low, part) if method == "amp" else low
+            if method == "amp":
+                low = torch.minimum(low, part)
         return torch.where(high >= -low, high, low) if method == "amp" else high
     # One index_select of the channels in group order, then a view: the same values as
     # teacher_feat[:, groups] at a fraction of advanced indexing's cost.
