@@ -17,6 +17,7 @@ unfinished pretraining resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -124,6 +125,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-from", default="",
                         help="an earlier experiment's output directory: distil from its finished teacher instead "
                              "of training one (ablations of the students alone)")
+    parser.add_argument("--teacher-checkpoint", default="",
+                        help="a MoCo-v2 --teacher-arch checkpoint trained elsewhere (main_moco_mgd.py's or the "
+                             "official MoCo's layout, e.g. a longer run with other flags): the teacher of every "
+                             "student, evaluated as the teacher row, instead of training one")
     parser.add_argument("--no-random-init", dest="random_init", action="store_false",
                         help="skip the random-weights row (e.g. in an ablation whose main experiment has it)")
     parser.add_argument("--report-only", action="store_true",
@@ -145,6 +150,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--seed-queue {args.seed_queue} must be a multiple of -b {args.batch_size}")
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {args.seeds} repeats a seed")
+    if args.teacher_checkpoint:
+        if args.teacher_from:
+            raise SystemExit("--teacher-checkpoint and --teacher-from both name the teacher: give one")
+        if args.teacher_kind == "supervised":
+            raise SystemExit("--teacher-checkpoint is a MoCo-v2 teacher; a supervised one is trained by "
+                             "--teacher-kind supervised")
+        if not os.path.isfile(args.teacher_checkpoint):
+            raise SystemExit(f"--teacher-checkpoint {args.teacher_checkpoint}: no such file")
+        args.teacher_checkpoint = os.path.abspath(args.teacher_checkpoint)
+        args.teacher_kind = "moco"
 
 
 def fashion_mnist_dir(args: argparse.Namespace) -> str:
@@ -272,8 +287,68 @@ def train_supervised_teacher(args, data: str, seed: int, run_dir: Path, epochs: 
     return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs, weights, seconds)
 
 
-def teacher_weights(teacher_dir: Path, kind: str, epochs: int) -> Path:
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def adopted_teacher_epochs(path: str) -> int:
+    """The epochs a MoCo-layout checkpoint was trained for (its ``epoch``: the next one to run)."""
+    from moco_mgd.models.resnet import load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(path, "--teacher-checkpoint")
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+    if not isinstance(epoch, int):
+        raise SystemExit(f"--teacher-checkpoint {path}: no 'epoch' in it, so not a MoCo-layout pretraining "
+                         "checkpoint (a torchvision state dict is a supervised teacher: --teacher-kind supervised)")
+    return epoch
+
+
+def check_adopted_teacher(teacher_dir: Path, path: str) -> None:
+    """One output directory, one teacher: refuse to mix students of different teachers in one table."""
+    trained = read_result(teacher_dir)
+    if not os.path.isfile(path):  # only when reused from the directory: the flag itself was checked
+        raise SystemExit(f"the teacher of {teacher_dir} is {path}, which is gone: restore it, or use another "
+                         "--output-dir")
+    if trained is None:
+        return
+    if trained.get("teacher_checkpoint") != path:
+        was = trained.get("teacher_checkpoint") or "trained here"
+        raise SystemExit(f"--teacher-checkpoint {path}: {teacher_dir} already holds another teacher ({was}); use "
+                         "another --output-dir")
+    if trained.get("teacher_sha256") != file_sha256(path):
+        raise SystemExit(f"--teacher-checkpoint {path} changed since its evaluation in {teacher_dir} (sha256 "
+                         "differs); the students so far were distilled from the old file: use another --output-dir")
+
+
+def evaluate_adopted_teacher(args, data: str, seed: int, run_dir: Path, epochs: int) -> dict:
+    """A MoCo-v2 teacher trained elsewhere, evaluated as a student is: kNN, then the linear protocol."""
+    done = read_result(run_dir)
+    if done is not None:
+        print(f"== teacher {args.teacher_checkpoint}: evaluated before ({run_dir / 'result.json'})", flush=True)
+        return done
+    print(f"== teacher {args.teacher_checkpoint} ({epochs} epochs) -> {run_dir}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a half-done evaluation restarts
+    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
+              "-j", str(args.workers), "--seed", str(seed), "-a", args.teacher_arch, "--max-images", str(args.images)]
+    run_command([args.python, "-m", "moco_mgd.evaluation.knn", *common, "--pretrained", args.teacher_checkpoint,
+                 "-k", str(args.knn_k), "--temperature", str(args.knn_t), "-b", str(args.batch_size),
+                 "--output-dir", str(run_dir)], run_dir / "stdout.txt")
+    result = linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs,
+                               Path(args.teacher_checkpoint), 0.0)
+    result.update(teacher_checkpoint=args.teacher_checkpoint, teacher_sha256=file_sha256(args.teacher_checkpoint))
+    write_result(run_dir, result)
+    return result
+
+
+def teacher_weights(teacher_dir: Path, kind: str, epochs: int, adopted: str = "") -> Path:
     """What the students' --teacher-checkpoint is."""
+    if adopted:
+        return Path(adopted)
     return teacher_dir / TEACHER_FILE if kind == "supervised" else last_checkpoint(teacher_dir, epochs)
 
 
@@ -314,6 +389,11 @@ def main(argv: list[str] | None = None) -> None:
                          "is missing); run that experiment first, or drop --teacher-from")
     teacher_epochs = read_result(teacher_dir)["epochs"] if args.teacher_from else args.teacher_epochs or args.epochs
     trained = read_result(teacher_dir)
+    if trained is not None and trained.get("teacher_checkpoint") and not args.teacher_checkpoint:
+        args.teacher_checkpoint = trained["teacher_checkpoint"]  # more seeds of the teacher adopted before
+    if args.teacher_checkpoint:
+        check_adopted_teacher(teacher_dir, args.teacher_checkpoint)
+        teacher_epochs = adopted_teacher_epochs(args.teacher_checkpoint)
     if trained is not None:  # a teacher already trained is of the kind it was trained as
         kind = trained.get("teacher_kind", "moco")
         if args.teacher_kind not in (None, kind):
@@ -325,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the embedding losses distil a MoCo-v2 head's embedding, and a supervised teacher has a "
                          "classifier there: use --teacher-kind moco for cckd/disco/seed")
     teacher_flags = ["--teacher-arch", args.teacher_arch,
-                     "--teacher-checkpoint", str(teacher_weights(teacher_dir, args.teacher_kind, teacher_epochs)),
+                     "--teacher-checkpoint",
+                     str(teacher_weights(teacher_dir, args.teacher_kind, teacher_epochs, args.teacher_checkpoint)),
                      "--mgd-schedule", args.mgd_schedule, "--mgd-samples", str(args.mgd_samples),
                      "--mgd-loss-factor", str(args.mgd_loss_factor)]
     # (run directory, how to do it): the teacher first, then seed by seed. Only the baseline
@@ -334,7 +415,10 @@ def main(argv: list[str] | None = None) -> None:
     plan = []
     needs_teacher = any(method_flags(m, args) is not None for m in args.methods)
     if needs_teacher or read_result(teacher_dir) is not None:
-        if args.teacher_kind == "supervised":
+        if args.teacher_checkpoint:
+            plan.append((teacher_dir, lambda: evaluate_adopted_teacher(args, data, args.seeds[0], teacher_dir,
+                                                                       teacher_epochs)))
+        elif args.teacher_kind == "supervised":
             plan.append((teacher_dir, lambda: train_supervised_teacher(args, data, args.seeds[0], teacher_dir,
                                                                        teacher_epochs)))
         else:

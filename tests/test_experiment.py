@@ -6,6 +6,7 @@ baseline and MGD pretraining, kNN and linear evaluation, the table and the figur
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,49 @@ def test_embedding_losses_alone_and_with_mgd(moco_teacher, fashion_dir, tmp_path
     for run in ("seed", "mgd-amp+cckd", "mgd-amp+disco"):
         result = json.loads((tmp_path / "seed0" / run / "result.json").read_text())
         assert 0.0 <= result["knn_top1"] <= 100.0 and 0.0 <= result["linear_top1"] <= 100.0
+
+
+def test_students_of_a_moco_checkpoint_trained_elsewhere(moco_teacher, fashion_dir, tmp_path, capsys):
+    elsewhere = tmp_path / "long_run" / "checkpoint_0000.pth.tar"
+    elsewhere.parent.mkdir()
+    shutil.copy(moco_teacher / "teacher" / "checkpoint_0000.pth.tar", elsewhere)
+    out = tmp_path / "study"
+    experiment = [sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(out), "--data", str(fashion_dir),
+                  "--methods", "mgd-amp", "--epochs", "1", "--images", "64", "--no-random-init", *TINY]
+    stdout = _run([*experiment, "--seeds", "0", "--teacher-checkpoint", str(elsewhere)])
+    assert f"== teacher {elsewhere} (1 epochs)" in stdout and not (out / "teacher" / "checkpoint_0000.pth.tar").exists()
+    adopted = json.loads((out / "teacher" / "result.json").read_text())
+    trained_here = json.loads((moco_teacher / "teacher" / "result.json").read_text())
+    assert adopted["teacher_checkpoint"] == str(elsewhere) and adopted["epochs"] == 1
+    assert len(adopted["teacher_sha256"]) == 64
+    # The same weights evaluated by the same protocol and seed: the same linear top-1.
+    assert adopted["linear_top1"] == trained_here["linear_top1"]
+    # More seeds later, without the flag: the teacher recorded in the directory distils them.
+    stdout = _run([*experiment, "--seeds", "1"])
+    assert "evaluated before" in stdout
+    command = next(line for line in stdout.splitlines() if "--output-dir " + str(out / "seed1/mgd-amp") in line)
+    assert "--teacher-checkpoint " + str(elsewhere) in command
+    assert "| teacher (MoCo-v2 resnet50) | 0 |" in (out / "results.md").read_text()
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import fashion_mnist
+
+    def fails(*args):
+        with pytest.raises(SystemExit) as refused:
+            fashion_mnist.main(["--output-dir", str(out), "--data", str(fashion_dir), *args])
+        return str(refused.value.code)
+
+    other = tmp_path / "other.pth.tar"
+    shutil.copy(elsewhere, other)
+    assert "already holds another teacher" in fails("--teacher-checkpoint", str(other))
+    assert "no such file" in fails("--teacher-checkpoint", str(tmp_path / "missing.pth.tar"))
+    assert "give one" in fails("--teacher-checkpoint", str(other), "--teacher-from", str(moco_teacher))
+    with open(elsewhere, "ab") as f:   # the adopted file overwritten after students were distilled from it
+        f.write(b"0")
+    assert "changed since its evaluation" in fails("--methods", "mgd-amp", "--seeds", "2")
+    elsewhere.unlink()
+    assert "which is gone" in fails("--methods", "mgd-amp", "--seeds", "2")
+    assert not (out / "seed2").exists()
 
 
 def test_baselines_alone_train_no_teacher(fashion_dir, tmp_path):
