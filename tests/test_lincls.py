@@ -204,3 +204,19 @@ def test_bad_output_dir_and_resume(data_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     _fails(_args(data_dir, tmp_path / "a_file" / "out"), capsys, "is not writable")
     _fails(_args(data_dir, tmp_path, extra=["--resume", str(tmp_path / "a_file")]), capsys, "--resume checkpoint")
+
+
+def test_model_best_holds_the_best_epochs_classifier(data_dir, moco_path, tmp_path):
+    # Saved at the end only (a fast cached-features run): model_best must still be the best epoch's
+    # fc, not the last one's, and evaluating it must give the best top-1 again.
+    out = tmp_path / "best"
+    main_lincls.main(_args(data_dir, out, moco_path, epochs=8, extra=["--cached-features", "--lr", "30", "-p", "0"]))
+    top1 = [r["top1"] for r in _records(out, "epoch")]
+    best_epoch = top1.index(max(top1))
+    assert best_epoch != len(top1) - 1, top1   # else this test could not tell the two apart
+    best, last = _load(out / "model_best.pth.tar"), _load(out / "checkpoint.pth.tar")
+    assert last["epoch"] == 8 and best["epoch"] == best_epoch + 1 and best["best_acc1"] == max(top1)
+    assert not torch.equal(best["state_dict"]["module.fc.weight"], last["state_dict"]["module.fc.weight"])
+    assert torch.equal(best["state_dict"]["module.conv1.weight"], last["state_dict"]["module.conv1.weight"])
+    main_lincls.main(_args(data_dir, tmp_path / "eval", extra=["-e", "--resume", str(out / "model_best.pth.tar")]))
+    assert _records(tmp_path / "eval", "eval")[0]["top1"] == pytest.approx(max(top1)), top1
