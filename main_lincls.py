@@ -56,6 +56,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           "fc on them (minutes instead of hours on CPU). Differs from the protocol: training "
                           "images are not augmented (the val resize + centre crop replaces RandomResizedCrop + "
                           "flip). Same optimizer, schedule, batch size and checkpoints")
+    run.add_argument("--knn-k", type=int,
+                     help="with --cached-features, also the kNN top-1 of those features (this many neighbours, "
+                          "the pretraining monitor's protocol; 0: off)")
+    run.add_argument("--knn-t", type=float, help="the kNN vote temperature")
     run.add_argument("--max-images", type=int,
                      help="train fc on a random subset of this many labelled images (0: all); with the same "
                           "--seed it is the subset main_moco_mgd.py --max-images pretrained on")

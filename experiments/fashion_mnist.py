@@ -244,18 +244,24 @@ def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path
 
 
 def linear_evaluation(args, data: str, method: str, seed: int, run_dir: Path, arch: str, epochs: int,
-                      weights: Path, pretrain_seconds: float) -> dict:
-    """MoCo's linear protocol on ``weights``, then the run's result (its kNN is already in its log)."""
+                      weights: Path | None, pretrain_seconds: float, knn_here: bool = False) -> dict:
+    """MoCo's linear protocol on ``weights`` (None: random), then the run's result.
+
+    A pretraining run's kNN is already in its log; ``knn_here`` scores it on the linear
+    evaluation's cached features instead (the same protocol, without a second feature pass).
+    """
     common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
               "-j", str(args.workers), "--seed", str(seed)]
     lincls_dir = run_dir / "lincls"
     lincls_dir.mkdir(exist_ok=True)
     for stale in ("metrics.jsonl", "checkpoint.pth.tar", "model_best.pth.tar"):  # a half-done eval restarts
         (lincls_dir / stale).unlink(missing_ok=True)
-    lincls = [args.python, "main_lincls.py", *common, "-a", arch, "--pretrained", str(weights),
+    lincls = [args.python, "main_lincls.py", *common, "-a", arch, *(["--pretrained", str(weights)] if weights else []),
               "--max-images", str(args.images), "--output-dir", str(lincls_dir), *lincls_flags(args)]
+    if knn_here:
+        lincls += ["--knn-k", str(args.knn_k), "--knn-t", str(args.knn_t)]
     eval_seconds = run_command(lincls, lincls_dir / "stdout.txt")
-    result = run_result(run_dir, lincls_dir, method=method, seed=seed, arch=arch, epochs=epochs,
+    result = run_result(lincls_dir if knn_here else run_dir, lincls_dir, method=method, seed=seed, arch=arch, epochs=epochs,
                         pretrain_seconds=pretrain_seconds, eval_seconds=eval_seconds)
     if method == "teacher":
         result["teacher_kind"] = args.teacher_kind
@@ -278,13 +284,8 @@ def train_supervised_teacher(args, data: str, seed: int, run_dir: Path, epochs: 
     seconds = run_command([args.python, "experiments/supervised_teacher.py", *common, "--epochs", str(epochs),
                            "-b", str(args.batch_size), "--lr", str(args.teacher_lr), "-p", str(args.print_freq),
                            "--output-dir", str(run_dir)], run_dir / "stdout.txt")
-    weights = run_dir / TEACHER_FILE
-    (run_dir / "metrics.jsonl").write_text("".join(  # a kNN of an interrupted evaluation is redone
-        line + "\n" for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"knn"' not in line))
-    run_command([args.python, "-m", "moco_mgd.evaluation.knn", *common, "--pretrained", str(weights), "-k", str(args.knn_k),
-                 "--temperature", str(args.knn_t), "-b", str(args.batch_size), "--output-dir", str(run_dir)],
-                run_dir / "stdout.txt")
-    return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs, weights, seconds)
+    return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs, run_dir / TEACHER_FILE,
+                             seconds, knn_here=True)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -332,14 +333,8 @@ def evaluate_adopted_teacher(args, data: str, seed: int, run_dir: Path, epochs: 
         return done
     print(f"== teacher {args.teacher_checkpoint} ({epochs} epochs) -> {run_dir}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a half-done evaluation restarts
-    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
-              "-j", str(args.workers), "--seed", str(seed), "-a", args.teacher_arch, "--max-images", str(args.images)]
-    run_command([args.python, "-m", "moco_mgd.evaluation.knn", *common, "--pretrained", args.teacher_checkpoint,
-                 "-k", str(args.knn_k), "--temperature", str(args.knn_t), "-b", str(args.batch_size),
-                 "--output-dir", str(run_dir)], run_dir / "stdout.txt")
     result = linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs,
-                               Path(args.teacher_checkpoint), 0.0)
+                               Path(args.teacher_checkpoint), 0.0, knn_here=True)
     result.update(teacher_checkpoint=args.teacher_checkpoint, teacher_sha256=file_sha256(args.teacher_checkpoint))
     write_result(run_dir, result)
     return result
@@ -359,21 +354,9 @@ def evaluate_random_init(args, data: str, seed: int, run_dir: Path) -> dict:
         print(f"== random init seed {seed}: done before ({run_dir / 'result.json'})", flush=True)
         return done
     print(f"== random init seed {seed} -> {run_dir}", flush=True)
-    (run_dir / "lincls").mkdir(parents=True, exist_ok=True)
-    for stale in (run_dir / "metrics.jsonl", run_dir / "lincls" / "metrics.jsonl"):  # a half-done eval restarts
-        stale.unlink(missing_ok=True)
-    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
-              "-j", str(args.workers), "--seed", str(seed), "-a", args.student_arch,
-              "--max-images", str(args.images), "--output-dir"]
-    start = time.perf_counter()
-    run_command([args.python, "-m", "moco_mgd.evaluation.knn", *common, str(run_dir), "--random-init", "-k", str(args.knn_k),
-                 "--temperature", str(args.knn_t), "-b", str(args.batch_size)], run_dir / "stdout.txt")
-    run_command([args.python, "main_lincls.py", *common, str(run_dir / "lincls"), *lincls_flags(args)],
-                run_dir / "lincls" / "stdout.txt")
-    result = run_result(run_dir, run_dir / "lincls", method="random", seed=seed, arch=args.student_arch, epochs=0,
-                        pretrain_seconds=0.0, eval_seconds=time.perf_counter() - start)
-    write_result(run_dir, result)
-    return result
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # main_lincls.py without --pretrained: the backbone of torch.manual_seed(seed), kNN on its features.
+    return linear_evaluation(args, data, "random", seed, run_dir, args.student_arch, 0, None, 0.0, knn_here=True)
 
 
 def main(argv: list[str] | None = None) -> None:

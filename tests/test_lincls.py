@@ -14,7 +14,7 @@ from moco_mgd.runtime.checkpoint import with_module_prefix
 from moco_mgd.runtime.data import build_dataset
 from moco_mgd.evaluation.lincls import build_linear_model, check_frozen_weights, frozen_state, train_epoch, train_transform
 from moco_mgd.models.moco import MoCo
-from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint, randomize_bn
+from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint, randomize_bn, write_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,25 @@ def test_model_best_holds_the_best_epochs_classifier(data_dir, moco_path, tmp_pa
     assert torch.equal(best["state_dict"]["module.conv1.weight"], last["state_dict"]["module.conv1.weight"])
     main_lincls.main(_args(data_dir, tmp_path / "eval", extra=["-e", "--resume", str(out / "model_best.pth.tar")]))
     assert _records(tmp_path / "eval", "eval")[0]["top1"] == pytest.approx(max(top1)), top1
+
+
+def test_knn_of_the_cached_features_is_the_knn_tools(moco_path, tmp_path, capsys):
+    # The teacher and random-weight rows of the study take their kNN from here instead of a second
+    # feature extraction: it must be the number `python -m moco_mgd.evaluation.knn` gives.
+    from moco_mgd.evaluation import knn
+
+    write_fashion_mnist(tmp_path / "fm", "train", n=64)
+    write_fashion_mnist(tmp_path / "fm", "t10k", n=40, seed=1)
+    common = [str(tmp_path / "fm"), "--dataset", "fashion-mnist", "-a", "resnet18", "--pretrained", moco_path,
+              "-b", "8", "-j", "0", "--image-size", "32", "--seed", "0", "--max-images", "48"]
+    out = tmp_path / "lincls"
+    main_lincls.main([*common, "--epochs", "1", "--output-dir", str(out), "--cached-features", "--knn-k", "5",
+                      "--knn-t", "0.1", "-p", "0"])
+    knn.main([*common, "-k", "5", "--temperature", "0.1", "--output-dir", str(tmp_path / "knn")])
+    from_lincls, from_tool = _records(out, "knn")[0], _records(tmp_path / "knn", "knn")[0]
+    assert 0 < from_tool["top1"] < 100, from_tool    # a number that could differ
+    assert from_lincls["top1"] == from_tool["top1"] and from_lincls["top5"] == from_tool["top5"]
+    assert from_lincls["k"] == 5 and "kNN (k=5, T=0.1) of the cached features" in (out / "log.txt").read_text()
+    _fails([*common, "--output-dir", str(tmp_path / "o"), "--knn-k", "5"], capsys, "add --cached-features")
+    _fails([*common, "--output-dir", str(tmp_path / "o"), "--cached-features", "--knn-k", "50"], capsys,
+           "more neighbours than the 48 training images")

@@ -175,6 +175,14 @@ def knn_evaluate(model: nn.Module, train_set: Dataset, val_set: Dataset, batch_s
     train_f, train_l = extract_features(model, train_set, batch_size, device, workers, autocast_dtype)
     val_f, val_l = extract_features(model, val_set, batch_size, device, workers, autocast_dtype)
     num_classes = max(len(getattr(train_set, "classes", ())), int(train_l.max()) + 1, int(val_l.max()) + 1)
+    return knn_features_accuracy(train_f, train_l, val_f, val_l, num_classes, k, temperature, device, backend)
+
+
+def knn_features_accuracy(train_f: torch.Tensor, train_l: torch.Tensor, val_f: torch.Tensor, val_l: torch.Tensor,
+                          num_classes: int, k: int, temperature: float, device: torch.device,
+                          backend: str = "faiss") -> dict[str, float]:
+    """:func:`knn_evaluate` on features already extracted, identical on every rank (e.g. the cached
+    features of a linear evaluation). Each rank classifies its slice of ``val_f``; counts are summed."""
     mine = torch.tensor(distributed.shard_indices(len(val_f)), dtype=torch.long)  # each query on one rank
     queries, labels = val_f[mine], val_l[mine]
     if backend == "torch":  # brute force is only fast on the accelerator

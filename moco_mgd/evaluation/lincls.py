@@ -32,7 +32,8 @@ from moco_mgd.runtime.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, c
                            random_subset)
 from moco_mgd.training.schedules import learning_rate, set_learning_rate
 from moco_mgd.evaluation.features import extract_features
-from moco_mgd.runtime.flag_checks import check_numbers, training_rules
+from moco_mgd.evaluation.knn import knn_features_accuracy
+from moco_mgd.runtime.flag_checks import NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.logs import MetricsLog, setup_logging
 
@@ -72,6 +73,8 @@ class LinclsConfig:
     stem: str = "imagenet"
     cached_features: bool = False
     max_images: int = 0
+    knn_k: int = 0
+    knn_t: float = 0.07
 
 
 def train_transform(image_size: int = 224):
@@ -233,12 +236,18 @@ def _load_resume(path: str, arch: str, model: nn.Module) -> Mapping:
 def check_config(config: LinclsConfig, world_size: int, local_world_size: int) -> None:
     """Refuse a run that cannot work, before anything starts. Raises with the fix in the message."""
     c = config
-    check_numbers(training_rules(c))
+    check_numbers(training_rules(c) + [("--knn-k", c.knn_k, *NON_NEGATIVE), ("--knn-t", c.knn_t, *POSITIVE)])
     if local_world_size > config.batch_size:
         raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
                          f"of a node: each process needs at least one image")
     train_set = build_dataset(config.dataset, config.data, "train")
     check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))
+    if config.knn_k and not config.cached_features:
+        raise ValueError(f"--knn-k {config.knn_k} scores the cached features: add --cached-features, or use "
+                         "python -m moco_mgd.evaluation.knn for the images")
+    if config.knn_k > (train_images := min(len(train_set), config.max_images or len(train_set))):
+        raise ValueError(f"--knn-k {config.knn_k} is more neighbours than the {train_images} training images: "
+                         "lower --knn-k")
     model, _ = build_linear_model(config.arch, len(train_set.classes), config.pretrained, config.stem)
     if resume_path(config):
         _load_resume(resume_path(config), config.arch, model)
@@ -303,6 +312,12 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
                                                           config.workers)))
             logger.info(f"cached {split} features {tuple(cached[-1].tensors[0].shape)}")
         (train_set, val_set), net, workers = cached, model.fc, 0
+        if config.knn_k and start_epoch == 0:  # the same features, classified by neighbours: seconds more
+            knn = knn_features_accuracy(*train_set.tensors, *val_set.tensors, model.fc.out_features, config.knn_k,
+                                        config.knn_t, device)
+            metrics.log("knn", epoch=0, k=config.knn_k, temperature=config.knn_t, **knn)
+            logger.info(f"kNN (k={config.knn_k}, T={config.knn_t}) of the cached features: "
+                        + " ".join(f"{k} {v:.2f}" for k, v in knn.items()))
         # Evaluation has no batch semantics: a few large batches are as exact and faster.
         val_loader = _tensor_batches(val_set, distributed.shard_indices(len(val_set)), max(batch, 4096))
     sampler = DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=config.seed or 0)
