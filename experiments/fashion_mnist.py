@@ -220,15 +220,21 @@ def last_checkpoint(run_dir: Path, epochs: int) -> Path:
     return run_dir / f"checkpoint_{epochs - 1:04d}.pth.tar"
 
 
+def finished_before(run_dir: Path, title: str) -> dict | None:
+    """The run's result if an earlier invocation finished it; else None, and its directory is made."""
+    if (done := read_result(run_dir)) is not None:
+        print(f"== {title}: done before ({run_dir / 'result.json'})", flush=True)
+        return done
+    print(f"== {title} -> {run_dir}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
 def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path, arch: str, epochs: int,
                           extra: list[str]) -> dict:
     """Pretrain one run (unless its result exists), evaluate it, record its result."""
-    done = read_result(run_dir)
-    if done is not None:
-        print(f"== {method} seed {seed}: done before ({run_dir / 'result.json'})", flush=True)
+    if (done := finished_before(run_dir, f"{method} seed {seed}")) is not None:
         return done
-    print(f"== {method} seed {seed} -> {run_dir}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
               "-j", str(args.workers), "--seed", str(seed)]
     pretrain = [args.python, "main_moco_mgd.py", *common, "-a", arch, "--epochs", str(epochs),
@@ -273,12 +279,8 @@ def linear_evaluation(args, data: str, method: str, seed: int, run_dir: Path, ar
 
 def train_supervised_teacher(args, data: str, seed: int, run_dir: Path, epochs: int) -> dict:
     """The positive control: a teacher trained with labels on the students' images, then evaluated as they are."""
-    done = read_result(run_dir)
-    if done is not None:
-        print(f"== supervised teacher: done before ({run_dir / 'result.json'})", flush=True)
+    if (done := finished_before(run_dir, "supervised teacher")) is not None:
         return done
-    print(f"== supervised teacher -> {run_dir}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
               "-j", str(args.workers), "--seed", str(seed), "-a", args.teacher_arch, "--max-images", str(args.images)]
     seconds = run_command([args.python, "experiments/supervised_teacher.py", *common, "--epochs", str(epochs),
@@ -327,12 +329,8 @@ def check_adopted_teacher(teacher_dir: Path, path: str) -> None:
 
 def evaluate_adopted_teacher(args, data: str, seed: int, run_dir: Path, epochs: int) -> dict:
     """A MoCo-v2 teacher trained elsewhere, evaluated as a student is: kNN, then the linear protocol."""
-    done = read_result(run_dir)
-    if done is not None:
-        print(f"== teacher {args.teacher_checkpoint}: evaluated before ({run_dir / 'result.json'})", flush=True)
+    if (done := finished_before(run_dir, f"teacher {args.teacher_checkpoint} ({epochs} epochs)")) is not None:
         return done
-    print(f"== teacher {args.teacher_checkpoint} ({epochs} epochs) -> {run_dir}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     result = linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs,
                                Path(args.teacher_checkpoint), 0.0, knn_here=True)
     result.update(teacher_checkpoint=args.teacher_checkpoint, teacher_sha256=file_sha256(args.teacher_checkpoint))
@@ -349,12 +347,8 @@ def teacher_weights(teacher_dir: Path, kind: str, epochs: int, adopted: str = ""
 
 def evaluate_random_init(args, data: str, seed: int, run_dir: Path) -> dict:
     """The floor every pretraining must beat: the student architecture with random weights."""
-    done = read_result(run_dir)
-    if done is not None:
-        print(f"== random init seed {seed}: done before ({run_dir / 'result.json'})", flush=True)
+    if (done := finished_before(run_dir, f"random init seed {seed}")) is not None:
         return done
-    print(f"== random init seed {seed} -> {run_dir}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     # main_lincls.py without --pretrained: the backbone of torch.manual_seed(seed), kNN on its features.
     return linear_evaluation(args, data, "random", seed, run_dir, args.student_arch, 0, None, 0.0, knn_here=True)
 

@@ -164,7 +164,7 @@ def test_students_of_a_moco_checkpoint_trained_elsewhere(moco_teacher, fashion_d
     assert adopted["linear_top1"] == trained_here["linear_top1"]
     # More seeds later, without the flag: the teacher recorded in the directory distils them.
     stdout = _run([*experiment, "--seeds", "1"])
-    assert "evaluated before" in stdout
+    assert f"== teacher {elsewhere} (1 epochs): done before" in stdout
     command = next(line for line in stdout.splitlines() if "--output-dir " + str(out / "seed1/mgd-amp") in line)
     assert "--teacher-checkpoint " + str(elsewhere) in command
     assert "| teacher (MoCo-v2 resnet50) | 0 |" in (out / "results.md").read_text()
