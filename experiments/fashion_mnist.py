@@ -310,9 +310,9 @@ def adopted_teacher_epochs(path: str) -> int:
     return epoch
 
 
-def check_adopted_teacher(teacher_dir: Path, path: str) -> None:
-    """One output directory, one teacher: refuse to mix students of different teachers in one table."""
-    trained = read_result(teacher_dir)
+def check_adopted_teacher(teacher_dir: Path, trained: dict | None, path: str) -> None:
+    """One output directory, one teacher (``trained``: its result so far): refuse to mix students of
+    different teachers in one table."""
     if not os.path.isfile(path):  # only when reused from the directory: the flag itself was checked
         raise SystemExit(f"the teacher of {teacher_dir} is {path}, which is gone: restore it, or use another "
                          "--output-dir")
@@ -369,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     if trained is not None and trained.get("teacher_checkpoint") and not args.teacher_checkpoint:
         args.teacher_checkpoint = trained["teacher_checkpoint"]  # more seeds of the teacher adopted before
     if args.teacher_checkpoint:
-        check_adopted_teacher(teacher_dir, args.teacher_checkpoint)
-        teacher_epochs = adopted_teacher_epochs(args.teacher_checkpoint)
+        check_adopted_teacher(teacher_dir, trained, args.teacher_checkpoint)
+        # Read from the checkpoint (a few hundred MB) only until its evaluation has recorded it.
+        teacher_epochs = trained["epochs"] if trained is not None else adopted_teacher_epochs(args.teacher_checkpoint)
     if trained is not None:  # a teacher already trained is of the kind it was trained as
         kind = trained.get("teacher_kind", "moco")
         if args.teacher_kind not in (None, kind):

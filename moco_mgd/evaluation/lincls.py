@@ -331,16 +331,15 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
         net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     logger.info(f"training fc on {len(train_set)} {'cached features' if config.cached_features else 'images'}, "
                 f"{env.world_size} process(es) x {batch} on {device}; output in {output_dir}")
-    best_state, last_save, checked = None, time.monotonic(), False
+    best_state, last_save = None, time.monotonic()
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         lr = learning_rate(config.lr, epoch, config.epochs, False, config.schedule)
         set_learning_rate(optimizer, lr)
         train = train_epoch(ddp_net, train_loader, optimizer, device, epoch, config.print_freq)
         result = validate(net, val_loader, device)
-        if not checked:  # MoCo's sanity check, after the first epoch; again after the last
+        if epoch == start_epoch:  # MoCo's sanity check, after the first epoch; again after the last
             check_frozen_weights(model, reference)
-            checked = True
         is_best = result["top1"] > best_acc1
         best_acc1 = max(best_acc1, result["top1"])
         metrics.log("epoch", epoch=epoch, lr=lr, train_loss=train["loss"], train_top1=train["top1"], **result)
