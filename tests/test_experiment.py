@@ -246,4 +246,9 @@ def test_bad_arguments_fail_before_any_run(fashion_dir, tmp_path, capsys):
     assert "train-images-idx3-ubyte" in fails("--data", str(tmp_path))
     assert "no finished teacher there" in fails("--teacher-from", str(tmp_path))
     assert "use --teacher-kind moco for cckd/disco/seed" in fails("--teacher-kind", "supervised", "--methods", "disco")
+    import torch
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "plain.pth")   # a state dict, not a MoCo checkpoint
+    assert "not a MoCo-layout pretraining checkpoint" in fails("--teacher-checkpoint", str(tmp_path / "plain.pth"))
+    assert "is a MoCo-v2 teacher" in fails("--teacher-checkpoint", str(tmp_path / "plain.pth"),
+                                           "--teacher-kind", "supervised")
     assert not (tmp_path / "o" / "teacher").exists()
