@@ -1,4 +1,3 @@
-import logging
 import random
 
 import numpy as np
@@ -23,8 +22,7 @@ def test_save_is_atomic_when_the_write_fails(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path) == good
 
 
-def test_latest_skips_unreadable_and_temporary_files(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("moco_mgd"), "propagate", True)  # setup_logging may have cut it
+def test_latest_skips_unreadable_and_temporary_files(tmp_path, caplog):
     ckpt.save_checkpoint({"epoch": 1}, ckpt.checkpoint_path(tmp_path, 0))
     ckpt.save_checkpoint({"epoch": 2}, ckpt.checkpoint_path(tmp_path, 1))
     (tmp_path / ".checkpoint_0002.pth.tar.tmp-123").write_bytes(b"partial")

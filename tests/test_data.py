@@ -135,10 +135,7 @@ def _corrupt_folder(tmp_path):
 
 
 @pytest.fixture
-def data_log(caplog, monkeypatch):
-    # setup_logging() stops the "moco_mgd" logger from propagating, which would hide its
-    # records from caplog when tests that set up logging ran first in this process.
-    monkeypatch.setattr(logging.getLogger("moco_mgd"), "propagate", True)
+def data_log(caplog):
     caplog.set_level(logging.WARNING, logger="moco_mgd.runtime.data")
     return caplog
 

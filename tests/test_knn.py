@@ -16,16 +16,6 @@ from moco_mgd.evaluation.features import extract_features
 from tests.helpers import make_image_folder, moco_v2_checkpoint, run_distributed
 
 
-@pytest.fixture(autouse=True)
-def _restore_logger():
-    """The CLI runs setup_logging, which points the logger at this test's captured stdout."""
-    logger = logging.getLogger("moco_mgd")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:] = saved[0]
-    logger.propagate, logger.level = saved[1], saved[2]
-
-
 def _random_problem(seed=0, bank=500, queries=120, dim=32, classes=10):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(bank, dim, generator=g), torch.randint(0, classes, (bank,), generator=g),
@@ -95,10 +85,9 @@ def test_accuracy_top5_only_with_5_classes():
     assert knn.knn_accuracy(scores[:, :3], torch.tensor([1, 2])) == {"top1": 50.0}
 
 
-def test_gpu_requested_without_gpu_warns_and_uses_cpu(caplog, monkeypatch):
+def test_gpu_requested_without_gpu_warns_and_uses_cpu(caplog):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    monkeypatch.setattr(logging.getLogger("moco_mgd"), "propagate", True)
     train, labels, queries = _random_problem()
     cpu = knn.knn_classify(train, labels, queries, 10, k=5, use_gpu=False)
     with caplog.at_level(logging.WARNING, logger="moco_mgd"):

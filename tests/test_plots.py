@@ -101,13 +101,8 @@ def test_run_figures_are_pngs(mgd, tmp_path):
 
 
 def test_a_run_without_matching_gets_only_the_curves(tmp_path, caplog):
-    logger = logging.getLogger("moco_mgd")
-    logger.addHandler(caplog.handler)  # the package logger may not propagate (setup_logging)
-    try:
-        with caplog.at_level(logging.INFO, logger="moco_mgd"):
-            written = plots.write_run_figures(RECORDED / "baseline", tmp_path)
-    finally:
-        logger.removeHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="moco_mgd"):
+        written = plots.write_run_figures(RECORDED / "baseline", tmp_path)
     assert [p.name for p in written] == ["training_curves.png"]
     assert_png(written[0])
     assert "no matching records" in caplog.text
