@@ -279,19 +279,23 @@ def _train_records(out: Path) -> int:
 
 
 PREEMPTIONS = 10
+PREEMPTED_EPOCHS = 6   # 60 iterations: each preemption costs a run 1-4 of them, however fast the machine
 
 
 def _preempt(job, out: Path, moments: random.Random) -> None:
-    """``PREEMPTIONS`` times: once a new run of the job trains (a train record of its own), a random
-    pause, then ``scancel --signal=USR2``; wait until that run has said where it stopped."""
+    """``PREEMPTIONS`` times: once a new run of the job has trained 1-3 iterations of its own (a
+    random count, then a random moment inside the next), ``scancel --signal=USR2``; wait until that
+    run has said where it stopped. Counted in iterations, not seconds, so that a fast machine does
+    not finish the run before the last preemption."""
+    last = out / f"checkpoint_{PREEMPTED_EPOCHS - 1:04d}.pth.tar"
     for _ in range(PREEMPTIONS):
-        seen = _train_records(out)
+        seen = _train_records(out) + moments.randint(1, 3)
         deadline = time.monotonic() + JOB_TIMEOUT
-        while _train_records(out) <= seen:
+        while _train_records(out) < seen:
             assert time.monotonic() < deadline and not job.done(force_check=True), _logs(job)
-            time.sleep(0.1)
-        time.sleep(moments.uniform(0.0, 1.0))
-        assert not (out / "checkpoint_0003.pth.tar").exists(), "the run ended before the 10th preemption"
+            time.sleep(0.02)
+        time.sleep(moments.uniform(0.0, 0.2))
+        assert not last.exists(), "the run ended before the 10th preemption"
         subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
         deadline = time.monotonic() + JOB_TIMEOUT
         while "stopped after epoch" not in (out / "log.txt").read_text().split("resumed from")[-1]:
@@ -315,14 +319,16 @@ def _check_ten_preemptions(job, tasks: int, out: Path, straight: Path) -> str:
     assert task_log.count("this job is preempted") == PREEMPTIONS, task_log[-3000:]      # not time-outs
     restarts = subprocess.run(["scontrol", "show", "job", str(job.job_id)], capture_output=True, text=True).stdout
     assert f"Restarts={PREEMPTIONS}" in restarts, restarts
-    final, reference = _load(out / "checkpoint_0003.pth.tar"), _load(straight / "checkpoint_0003.pth.tar")
-    assert final["epoch"] == reference["epoch"] == 4 and final["arch"] == "resnet18"
+    last = f"checkpoint_{PREEMPTED_EPOCHS - 1:04d}.pth.tar"
+    final, reference = _load(out / last), _load(straight / last)
+    assert final["epoch"] == reference["epoch"] == PREEMPTED_EPOCHS and final["arch"] == "resnet18"
     assert final["state_dict"].keys() == reference["state_dict"].keys()
     for key in reference["state_dict"]:
         assert torch.equal(final["state_dict"][key], reference["state_dict"][key]), key
     for key in reference["mgd"]:
         assert torch.equal(final["mgd"][key], reference["mgd"][key]), key
-    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint_{e:04d}.pth.tar" for e in range(4)]
+    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint_{e:04d}.pth.tar"
+                                                       for e in (PREEMPTED_EPOCHS - 2, PREEMPTED_EPOCHS - 1)]
     assert not [p.name for p in out.glob("checkpoint_*_iter*")]   # superseded by the epoch ends
     return f"stopped at (epoch, iteration) {stops}; iterations trained again after each: {redone}"
 
@@ -332,7 +338,8 @@ def test_ten_preemptions_lose_nothing_and_end_bitwise_equal(slurm_cluster, teach
     moments: each saves mid-epoch and is requeued, and each ends with the weights of a run never
     interrupted (run beside them: one thread per process, as the jobs)."""
     data = make_image_folder(str(tmp_path / "data"), splits=("train",), per_class=40)   # 10 steps per epoch
-    args = _train_args(data, teacher_path, epochs=4)
+    # Two checkpoints kept (disk: ~130 MB each, three runs): the rotation is part of what a preempted run must get right.
+    args = _train_args(data, teacher_path, epochs=PREEMPTED_EPOCHS, extra=["--keep-checkpoints", "2"])
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"\npreemption moments drawn with random.Random({seed}) (1 task) and random.Random({seed + 1}) (2 tasks)")
     runs = {}
