@@ -57,6 +57,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     mgd.add_argument("--mgd-reducer", choices=REDUCERS,
                      help="teacher channel reduction: absolute max pooling, random drop, sparse matching, max, avg")
     mgd.add_argument("--mgd-loss-factor", type=float, help="MGD loss is divided by batch x this")
+    mgd.add_argument("--mgd-stage-weights", nargs="+", type=float, metavar="W",
+                     help="weight of each stage's loss, layer1 to layer4 (the authors': 0.125 0.25 0.5 1); "
+                          "0 leaves a stage out")
     mgd.add_argument("--mgd-schedule", help="epochs after which to re-match: 'authors' (0,1,2,3,6,9,15,26,43,74,126), 'every:N', "
                           "'none' (fixed in-order assignment: MGD without matching), or a list like 0,1,2; "
                           "0 is before training")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS
 from moco_mgd.runtime import plots
 from moco_mgd.runtime.data import FASHION_MNIST_DIR, find_fashion_mnist
 from moco_mgd.runtime.results import read_result, results_table, run_result, summary_line, write_result
@@ -99,6 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mgd-schedule", default="every:1")
     parser.add_argument("--mgd-samples", type=int, default=2048)
     parser.add_argument("--mgd-loss-factor", type=float, default=1e4)
+    parser.add_argument("--mgd-stage-weights", nargs=4, type=float, default=list(DEFAULT_STAGE_WEIGHTS), metavar="W",
+                        help="each stage's MGD weight, layer1 to layer4 (0: left out; e.g. 0.125 0.25 0.5 0 "
+                             "without layer4, whose maps are 1x1 at 32 px)")
     parser.add_argument("--cckd-weight", type=float, default=20.0,
                         help="CCKD was proposed for supervised distillation and gives no self-supervised weight: 20 "
                              "gives its gradient on the student embedding the size of InfoNCE's at initialisation "
@@ -237,13 +241,15 @@ def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path
         return done
     common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
               "-j", str(args.workers), "--seed", str(seed)]
+    # One checkpoint kept per run: the evaluation reads the last, a resumed run needs only the newest,
+    # and a study's dozens of runs would otherwise keep every epoch's (130 MB each for a ResNet-18).
     pretrain = [args.python, "main_moco_mgd.py", *common, "-a", arch, "--epochs", str(epochs),
                 "-b", str(args.batch_size), "--lr", str(args.lr), "--moco-k", str(args.moco_k), "--moco-t",
                 str(args.moco_t), "--moco-m", str(args.moco_m), "--mlp",
                 "--aug-plus", "--cos", "--max-images", str(args.images), "-p", str(args.print_freq),
                 "--shuffle-bn-splits", str(args.shuffle_bn_splits),
                 "--knn-freq", str(args.knn_freq or epochs), "--knn-k", str(args.knn_k), "--knn-t", str(args.knn_t),
-                "--output-dir", str(run_dir), *extra]
+                "--output-dir", str(run_dir), "--keep-checkpoints", "1", *extra]
     pretrain_seconds = run_command(pretrain, run_dir / "stdout.txt")
     return linear_evaluation(args, data, method, seed, run_dir, arch, epochs, last_checkpoint(run_dir, epochs),
                              pretrain_seconds)
@@ -386,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
                      "--teacher-checkpoint",
                      str(teacher_weights(teacher_dir, args.teacher_kind, teacher_epochs, args.teacher_checkpoint)),
                      "--mgd-schedule", args.mgd_schedule, "--mgd-samples", str(args.mgd_samples),
-                     "--mgd-loss-factor", str(args.mgd_loss_factor)]
+                     "--mgd-loss-factor", str(args.mgd_loss_factor),
+                     "--mgd-stage-weights", *map(str, args.mgd_stage_weights)]
     # (run directory, how to do it): the teacher first, then seed by seed. Only the baseline
     # and the random floor need no teacher: run alone, they can train beside another
     # invocation that trains it (same --output-dir; --report-only assembles the table).
@@ -426,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"-b {args.batch_size} --lr {args.lr:g}, "
                 f"--moco-t {args.moco_t} --moco-m {args.moco_m} --shuffle-bn-splits {args.shuffle_bn_splits}, MGD matching "
                 f"{args.mgd_schedule} on "
-                f"{args.mgd_samples} images, MGD loss factor {args.mgd_loss_factor:g}, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
+                f"{args.mgd_samples} images, MGD loss factor {args.mgd_loss_factor:g}, "
+                f"stage weights {' '.join(f'{w:g}' for w in args.mgd_stage_weights)}, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
                 f"T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached features) on the "
                 f"10,000 test images")
     if any("+" in m or m in EMBEDDING_METHODS for m in args.methods):

@@ -16,8 +16,8 @@ ALL_LOSSES = ["--moco-dim", "128", "--cckd-weight", "1", "--disco-weight", "2", 
 
 
 @pytest.fixture(scope="module")
-def combined_run(data_dir, teacher_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("combined_run")
+def combined_run(data_dir, teacher_path, module_dir):
+    out = module_dir("combined_run")
     main_moco_mgd.main(_args(data_dir, out, teacher_path, epochs=2, extra=ALL_LOSSES))
     return out
 

@@ -21,8 +21,8 @@ TINY = ["-b", "16", "--moco-k", "64", "--mgd-samples", "32", "--lincls-epochs", 
 
 
 @pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fashion")
+def fashion_dir(module_dir):
+    root = module_dir("fashion")
     write_fashion_mnist(root, "train", n=96, structured=True)
     write_fashion_mnist(root, "t10k", n=40, seed=1, structured=True)
     return root
@@ -36,17 +36,17 @@ def _run(command, **env):
 
 
 @pytest.fixture(scope="module")
-def demo(fashion_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+def demo(fashion_dir, module_dir):
+    out = module_dir("demo")
     stdout = _run(["bash", "scripts/demo_fashion_mnist.sh", str(out), "--data", str(fashion_dir), *TINY],
                   EPOCHS="1", TEACHER_EPOCHS="1", IMAGES="64")
     return out, stdout
 
 
 @pytest.fixture(scope="module")
-def moco_teacher(fashion_dir, tmp_path_factory):
+def moco_teacher(fashion_dir, module_dir):
     """An experiment whose teacher is MoCo-v2 (the default kind): it has the head the embedding losses read."""
-    out = tmp_path_factory.mktemp("moco_teacher")
+    out = module_dir("moco_teacher")
     _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(out), "--data", str(fashion_dir),
           "--methods", "mgd-amp", "--seeds", "0", "--epochs", "1", "--images", "64", "--no-random-init", *TINY])
     return out

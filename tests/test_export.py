@@ -50,9 +50,9 @@ def _pretrain_checkpoint():
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
+def sources(module_dir):
     """Checkpoint files of three layouts (resnet18), and whether their fc is a trained classifier."""
-    root = tmp_path_factory.mktemp("sources")
+    root = module_dir("sources")
     plain = randomize_bn(build_resnet("resnet18"), 5).state_dict()  # torchvision's layout: fc is its classifier
     files = {}
     for name, checkpoint in (("moco", _pretrain_checkpoint()), ("lincls", _lincls_checkpoint()),

@@ -18,17 +18,17 @@ from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint, rand
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = make_image_folder(str(tmp_path_factory.mktemp("data")), splits=("train", "val"), per_class=8, size=40)
+def data_dir(module_dir):
+    root = make_image_folder(str(module_dir("data")), splits=("train", "val"), per_class=8, size=40)
     # 15 val images: a padded shard (DistributedSampler's) would count one of them twice on 2 ranks.
     os.remove(os.path.join(root, "val", "class1", "img7.png"))
     return root
 
 
 @pytest.fixture(scope="module")
-def moco_path(tmp_path_factory):
+def moco_path(module_dir):
     checkpoint, _ = moco_v2_checkpoint("resnet18", mlp=True)
-    path = tmp_path_factory.mktemp("moco") / "moco_v2_pretrain.pth.tar"
+    path = module_dir("moco") / "moco_v2_pretrain.pth.tar"
     torch.save(checkpoint, path)
     return str(path)
 
@@ -101,8 +101,8 @@ def test_one_epoch_leaves_backbone_and_bn_statistics_alone(data_dir, moco_path):
 # --- end to end ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run(data_dir, moco_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lincls")
+def run(data_dir, moco_path, module_dir):
+    out = module_dir("lincls")
     main_lincls.main(_args(data_dir, out, moco_path, epochs=2))
     return out
 

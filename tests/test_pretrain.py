@@ -47,8 +47,8 @@ def _assert_same_state(a, b):
 
 
 @pytest.fixture(scope="module")
-def mgd_run(data_dir, teacher_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mgd_run")
+def mgd_run(data_dir, teacher_path, module_dir):
+    out = module_dir("mgd_run")
     main_moco_mgd.main(_args(data_dir, out, teacher_path, epochs=2, extra=KNN))
     return out
 
@@ -127,6 +127,16 @@ def test_mgd_without_matching_keeps_the_in_order_assignment(data_dir, teacher_pa
     assert "never matched" in (tmp_path / "log.txt").read_text()
 
 
+def test_a_stage_of_weight_zero_is_left_out_of_the_loss(data_dir, teacher_path, tmp_path):
+    main_moco_mgd.main(_args(data_dir, tmp_path, teacher_path, epochs=1,
+                             extra=["--mgd-stage-weights", "0.125", "0.25", "0.5", "0"]))
+    train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert train and all(r["mgd_layer4"] == 0 for r in train)
+    assert all(r["mgd_layer1"] > 0 and r["mgd_layer3"] > 0 for r in train)
+    assert all(r["mgd"] == pytest.approx(r["mgd_layer1"] + r["mgd_layer2"] + r["mgd_layer3"], rel=1e-4) for r in train)
+    assert _load(tmp_path / "checkpoint_0000.pth.tar")["config"]["mgd_stage_weights"] == [0.125, 0.25, 0.5, 0.0]
+
+
 def test_plain_moco_without_teacher_on_the_cosine_schedule(data_dir, tmp_path):
     main_moco_mgd.main(_args(data_dir, tmp_path, epochs=3, extra=["--cos"]))
     state = _load(tmp_path / "checkpoint_0002.pth.tar")
@@ -172,9 +182,9 @@ def _stops_and_resumes(out: Path) -> tuple[list, list]:
 
 
 @pytest.fixture(scope="module")
-def six_step_data(tmp_path_factory):
+def six_step_data(module_dir):
     """48 images: 6 iterations per epoch at -b 8, room to stop in the middle of one."""
-    return make_image_folder(str(tmp_path_factory.mktemp("data48")), splits=("train",), per_class=24)
+    return make_image_folder(str(module_dir("data48")), splits=("train",), per_class=24)
 
 
 def test_signals_stop_mid_epoch_and_the_resumed_run_ends_bitwise_equal(six_step_data, teacher_path, tmp_path):

@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fashion")
+def fashion_dir(module_dir):
+    root = module_dir("fashion")
     write_fashion_mnist(root, "train", n=64, structured=True)
     write_fashion_mnist(root, "t10k", n=16, seed=1, structured=True)
     return root

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.losses.mgd import REDUCERS
-from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS, MGDistiller
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import arch_stage_channels, head_dim, load_checkpoint_file, load_frozen_teacher
 from moco_mgd.runtime import checkpoint as ckpt
@@ -60,6 +60,7 @@ class PretrainConfig:
     mgd: bool = True
     mgd_reducer: str = "amp"
     mgd_loss_factor: float = 1e4
+    mgd_stage_weights: list[float] = field(default_factory=lambda: list(DEFAULT_STAGE_WEIGHTS))
     mgd_schedule: str = "authors"
     mgd_samples: int = 20000
     cckd_weight: float = 0.0
@@ -142,6 +143,11 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         raise ValueError(f"--moco-k {config.moco_k} is not divisible by the global batch size {global_batch} "
                          f"({world_size} processes x {global_batch // world_size}): the queue is filled in whole "
                          f"batches; choose K as a multiple of {global_batch}")
+    weights = config.mgd_stage_weights
+    if len(weights) != len(DEFAULT_STAGE_WEIGHTS) or min(weights) < 0 or max(weights) <= 0:
+        raise ValueError(f"--mgd-stage-weights {' '.join(f'{w:g}' for w in weights)}: give one weight >= 0 per "
+                         f"ResNet stage ({len(DEFAULT_STAGE_WEIGHTS)}), at least one positive (0 leaves a stage out; "
+                         f"default {' '.join(f'{w:g}' for w in DEFAULT_STAGE_WEIGHTS)}, the authors')")
     if config.mgd_reducer not in REDUCERS:
         raise ValueError(f"unknown --mgd-reducer {config.mgd_reducer!r}: choose one of {', '.join(REDUCERS)}")
     matching_epochs(config.mgd_schedule, config.epochs)

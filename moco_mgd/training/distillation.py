@@ -142,7 +142,8 @@ class Distillation:
         mgd = embedding = None
         if config.use_mgd:
             mgd = MGDistiller.from_models(teacher, student, reducer=config.mgd_reducer,
-                                          loss_factor=config.mgd_loss_factor).to(device)
+                                          loss_factor=config.mgd_loss_factor,
+                                          stage_weights=config.mgd_stage_weights).to(device)
         if config.use_embedding_losses:
             embedding = build_embedding_distiller(config, teacher).to(device)
         return cls(teacher, DistillationLoss(mgd, embedding), matching_epochs(config.mgd_schedule, config.epochs),
