@@ -94,10 +94,14 @@ def test_summary_line_says_whether_the_teacher_is_better_and_the_student_wins():
     titles = {"teacher": "supervised resnet50 teacher", "mgd-amp": "MGD-AMP"}
     line = summary_line(results, "mgd-amp", titles)
     assert line == ("In short: the supervised resnet50 teacher is better than the baseline student (kNN 85.00 vs "
-                    "71.00); MGD-AMP beats it: +2.50 kNN, +1.25 linear top-1 against the baseline of the same seed "
+                    "71.00); MGD-AMP beats it on both probes: +2.50 kNN, +1.25 linear top-1 against the baseline of the same seed "
                     "(2 seeds); random weights, the floor: kNN 74.50.")
     worse = summary_line([r("teacher", 0, 60.0, 60.0), r("baseline", 0, 70.0, 72.0), r("mgd-amp", 0, 69.0, 73.0)],
                          "mgd-amp", titles)
-    assert "is WORSE than the baseline" in worse and "MGD-AMP does not beat it: -1.00 kNN, +1.00 linear" in worse
+    assert "is WORSE than the baseline" in worse and "MGD-AMP beats it on the linear probe only: -1.00 kNN, +1.00 linear" in worse
     assert "(1 seed)" in worse and "floor" not in worse
+    for student, verdict in (((71.0, 71.0), "MGD-AMP beats it on kNN only: +1.00 kNN, -1.00 linear"),
+                             ((70.0, 72.0), "MGD-AMP does not beat it: +0.00 kNN, +0.00 linear")):
+        line = summary_line([r("baseline", 0, 70.0, 72.0), r("mgd-amp", 0, *student)], "mgd-amp", titles)
+        assert verdict in line, line
     assert summary_line([], "mgd-amp", titles) == "In short: no finished run to compare."

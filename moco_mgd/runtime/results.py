@@ -144,8 +144,11 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
     if knn:
         seeds = len(knn)
         gain = summarize(knn)[0]
-        verdict = "beats" if gain > 0 and summarize(linear)[0] > 0 else "does not beat"
-        parts.append(f"{titles.get(student, student)} {verdict} it: {summarize(knn)[0]:+.2f} kNN, "
+        linear_gain = summarize(linear)[0]
+        verdict = {(True, True): "beats it on both probes", (True, False): "beats it on kNN only",
+                   (False, True): "beats it on the linear probe only",
+                   (False, False): "does not beat it"}[(gain > 0, linear_gain > 0)]
+        parts.append(f"{titles.get(student, student)} {verdict}: {gain:+.2f} kNN, "
                      f"{summarize(linear)[0]:+.2f} linear top-1 against the baseline of the same seed "
                      f"({seeds} seed{'s' if seeds > 1 else ''})")
     if floor_knn is not None:
