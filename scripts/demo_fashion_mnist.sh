@@ -5,7 +5,7 @@
 # epochs, same seed), evaluate all three and random weights with kNN and the linear protocol, and
 # print the table and a one-line summary (also in OUTPUT_DIR/results.md; figures in OUTPUT_DIR/figures).
 #   bash scripts/demo_fashion_mnist.sh [OUTPUT_DIR] [more flags of experiments/fashion_mnist.py]
-# Environment: PYTHON (default .venv/bin/python), EPOCHS (2), TEACHER_EPOCHS (6), IMAGES (2048),
+# Environment: PYTHON (default .venv/bin/python), EPOCHS (4), TEACHER_EPOCHS (6), IMAGES (2048),
 # IMAGE_SIZE (32), SEEDS (0), MGD_LOSS_FACTOR (100).
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist, installed if missing (add --download to let
 # torchvision fetch it where apt cannot). The full experiment with seeds: experiments/fashion_mnist.py.
@@ -17,6 +17,6 @@ PYTHON=${PYTHON:-.venv/bin/python}
 # -b 64 in one process; the queue (1024, a multiple of it) holds half an epoch's keys, so an image never
 # meets its own earlier key among the negatives. kNN k=20, T=0.07 on the 10k test images.
 exec "$PYTHON" experiments/fashion_mnist.py --output-dir "$OUT" --methods baseline mgd-amp \
-    --seeds ${SEEDS:-0} --epochs "${EPOCHS:-2}" --images "${IMAGES:-2048}" --image-size "${IMAGE_SIZE:-32}" \
+    --seeds ${SEEDS:-0} --epochs "${EPOCHS:-4}" --images "${IMAGES:-2048}" --image-size "${IMAGE_SIZE:-32}" \
     --teacher-kind supervised --teacher-epochs "${TEACHER_EPOCHS:-6}" --mgd-loss-factor "${MGD_LOSS_FACTOR:-100}" \
     -b 64 --moco-k 1024 --mgd-schedule every:1 --mgd-samples 2048 --print-freq 20 "$@"

@@ -105,3 +105,5 @@ def test_summary_line_says_whether_the_teacher_is_better_and_the_student_wins():
         line = summary_line([r("baseline", 0, 70.0, 72.0), r("mgd-amp", 0, *student)], "mgd-amp", titles)
         assert verdict in line, line
     assert summary_line([], "mgd-amp", titles) == "In short: no finished run to compare."
+    alone = summary_line([r("teacher", 0, 85.0, 86.0), r("baseline", 0, 70.0, 72.0)], "baseline", titles)
+    assert "beat" not in alone and "is better than the baseline student" in alone   # no student to compare

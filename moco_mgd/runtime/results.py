@@ -141,7 +141,7 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
                      f"(kNN {teacher_knn:.2f} vs {baseline_knn:.2f})")
     knn = paired_differences(results, student, "knn_top1", reference)
     linear = paired_differences(results, student, "linear_top1", reference)
-    if knn:
+    if knn and student != reference:
         seeds = len(knn)
         gain = summarize(knn)[0]
         linear_gain = summarize(linear)[0]
