@@ -207,6 +207,8 @@ def run_command(command: list[str], log_path: Path) -> float:
     print("  $ " + " ".join(command), flush=True)
     start = time.perf_counter()
     with open(log_path, "a") as log:
+        log.write("$ " + " ".join(command) + "\n")   # what --report-only points to for a run's settings
+        log.flush()
         returncode = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     if returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
@@ -427,6 +429,29 @@ def main(argv: list[str] | None = None) -> None:
     titles = {m: t.format(teacher=args.teacher_arch, student=args.student_arch, teacher_kind=kind)
               for m, t in TITLES.items()}
     table = results_table(results, ["teacher", *args.methods, "random"], titles)
+    if args.report_only:
+        # This invocation's flags need not be the ones the runs were trained with (defaults, most of them).
+        settings = (f"Assembled by --report-only from the runs' result.json files (seeds "
+                    f"{' '.join(map(str, args.seeds))}); each run's settings are its command lines, the lines "
+                    f"starting with $ in its stdout.txt. kNN and linear top-1 on the 10,000 test images")
+    else:
+        settings = run_settings(args, kind, teacher_epochs)
+    student = next((m for m in args.methods if m != "baseline"), "baseline")
+    summary = summary_line(results, student, {**titles, "teacher": f"{kind} {args.teacher_arch} teacher"})
+    (output / "results.md").write_text(settings + "\n\n" + table + "\n" + summary + "\n")
+    (output / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    figure_run, baseline_run = (output / f"seed{args.seeds[0]}" / method for method in ("mgd-amp", "baseline"))
+    if (figure_run / "metrics.jsonl").is_file():
+        compare = {"baseline": baseline_run} if (baseline_run / "metrics.jsonl").is_file() else {}
+        random_run = output / f"seed{args.seeds[0]}" / "random"
+        references = {"random init": random_run} if (random_run / "metrics.jsonl").is_file() else {}
+        plots.write_run_figures(figure_run, output / "figures", label="MGD-AMP", compare=compare, references=references)
+    print(f"\n{settings}\n\n{table}\n{summary}\nwritten to {output / 'results.md'} in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run_settings(args: argparse.Namespace, kind: str, teacher_epochs: int) -> str:
+    """The sentence above the table: the settings this invocation trained its runs with."""
     settings = (f"Fashion-MNIST, {args.images} training images at {args.image_size} px ({args.stem} stem), "
                 f"{args.epochs} pretraining epochs ({kind} teacher {teacher_epochs}"
                 f"{f', lr {args.teacher_lr:g}' if args.teacher_kind == 'supervised' else ''}), "
@@ -442,18 +467,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"weight {args.disco_weight} ({'both views' if args.disco_both_views else 'query view'}"
                      f"{f', MLP hidden {args.disco_hidden_dim}' if args.disco_hidden_dim else ''}), SEED weight "
                      f"{args.seed_weight} (queue {args.seed_queue or args.moco_k}, T 0.2 / 1e-4)")
-    student = next((m for m in args.methods if m != "baseline"), "baseline")
-    summary = summary_line(results, student, {**titles, "teacher": f"{kind} {args.teacher_arch} teacher"})
-    (output / "results.md").write_text(settings + "\n\n" + table + "\n" + summary + "\n")
-    (output / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
-    figure_run, baseline_run = (output / f"seed{args.seeds[0]}" / method for method in ("mgd-amp", "baseline"))
-    if (figure_run / "metrics.jsonl").is_file():
-        compare = {"baseline": baseline_run} if (baseline_run / "metrics.jsonl").is_file() else {}
-        random_run = output / f"seed{args.seeds[0]}" / "random"
-        references = {"random init": random_run} if (random_run / "metrics.jsonl").is_file() else {}
-        plots.write_run_figures(figure_run, output / "figures", label="MGD-AMP", compare=compare, references=references)
-    print(f"\n{settings}\n\n{table}\n{summary}\nwritten to {output / 'results.md'} in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return settings
 
 
 if __name__ == "__main__":

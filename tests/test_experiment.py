@@ -110,6 +110,22 @@ def test_experiment_resumes_and_adds_a_seed(demo, fashion_dir):
     assert (out / "seed1" / "baseline" / "result.json").is_file() and not (out / "seed1" / "mgd-amp").exists()
 
 
+def test_report_only_assembles_the_table_and_points_to_each_runs_command(demo):
+    out, stdout = demo
+    trained = (out / "results.md").read_text()
+    assert "MGD loss factor 100," in trained           # the demo's own flags, not the defaults
+    try:
+        report = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(out), "--report-only",
+                       "--methods", "baseline", "mgd-amp", "--seeds", "0"])
+        assembled = (out / "results.md").read_text()
+    finally:
+        (out / "results.md").write_text(trained)   # the other tests read the demo's own
+    assert assembled.startswith("Assembled by --report-only") and "loss factor" not in assembled   # no defaults posing as settings
+    assert _table_rows(assembled)[:3] == _table_rows(trained)[:3] and "In short: " in report
+    command = (out / "seed0" / "mgd-amp" / "stdout.txt").read_text().splitlines()[0]
+    assert command.startswith("$ ") and "main_moco_mgd.py" in command and "--mgd-loss-factor 100.0" in command
+
+
 def test_students_of_an_earlier_experiments_teacher(demo, fashion_dir, tmp_path):
     out, _ = demo
     stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path), "--data",
