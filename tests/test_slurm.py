@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import main_moco_mgd
-from moco_mgd.runtime.checkpoint import list_checkpoints
+from moco_mgd.runtime.checkpoint import checkpoint_path, list_checkpoints
 from moco_mgd.runtime import slurm as submit
 from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint
 
@@ -287,7 +287,7 @@ def _preempt(job, out: Path, moments: random.Random) -> None:
     random count, then a random moment inside the next), ``scancel --signal=USR2``; wait until that
     run has said where it stopped. Counted in iterations, not seconds, so that a fast machine does
     not finish the run before the last preemption."""
-    last = out / f"checkpoint_{PREEMPTED_EPOCHS - 1:04d}.pth.tar"
+    last = checkpoint_path(out, PREEMPTED_EPOCHS - 1)
     for _ in range(PREEMPTIONS):
         seen = _train_records(out) + moments.randint(1, 3)
         deadline = time.monotonic() + JOB_TIMEOUT
@@ -319,16 +319,15 @@ def _check_ten_preemptions(job, tasks: int, out: Path, straight: Path) -> str:
     assert task_log.count("this job is preempted") == PREEMPTIONS, task_log[-3000:]      # not time-outs
     restarts = subprocess.run(["scontrol", "show", "job", str(job.job_id)], capture_output=True, text=True).stdout
     assert f"Restarts={PREEMPTIONS}" in restarts, restarts
-    last = f"checkpoint_{PREEMPTED_EPOCHS - 1:04d}.pth.tar"
-    final, reference = _load(out / last), _load(straight / last)
+    final = _load(checkpoint_path(out, PREEMPTED_EPOCHS - 1))
+    reference = _load(checkpoint_path(straight, PREEMPTED_EPOCHS - 1))
     assert final["epoch"] == reference["epoch"] == PREEMPTED_EPOCHS and final["arch"] == "resnet18"
     assert final["state_dict"].keys() == reference["state_dict"].keys()
     for key in reference["state_dict"]:
         assert torch.equal(final["state_dict"][key], reference["state_dict"][key]), key
     for key in reference["mgd"]:
         assert torch.equal(final["mgd"][key], reference["mgd"][key]), key
-    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint_{e:04d}.pth.tar"
-                                                       for e in (PREEMPTED_EPOCHS - 2, PREEMPTED_EPOCHS - 1)]
+    assert list_checkpoints(out) == [checkpoint_path(out, e) for e in (PREEMPTED_EPOCHS - 2, PREEMPTED_EPOCHS - 1)]
     assert not [p.name for p in out.glob("checkpoint_*_iter*")]   # superseded by the epoch ends
     return f"stopped at (epoch, iteration) {stops}; iterations trained again after each: {redone}"
 

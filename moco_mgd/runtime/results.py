@@ -149,7 +149,7 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
                    (False, True): "beats it on the linear probe only",
                    (False, False): "does not beat it"}[(gain > 0, linear_gain > 0)]
         parts.append(f"{titles.get(student, student)} {verdict}: {gain:+.2f} kNN, "
-                     f"{summarize(linear)[0]:+.2f} linear top-1 against the baseline of the same seed "
+                     f"{linear_gain:+.2f} linear top-1 against the baseline of the same seed "
                      f"({seeds} seed{'s' if seeds > 1 else ''})")
     if floor_knn is not None:
         parts.append(f"random weights, the floor: kNN {floor_knn:.2f}")
