@@ -101,8 +101,17 @@ def test_job_id_in_job_dir_and_output_dir(data_dir, tmp_path):
     plan = submit.prepare("pretrain", _train_args(data_dir, extra=[*_cpu_cluster_args(tmp_path / "%j"),
                                                                    "--output-dir", str(explicit)]))
     assert plan.config.output_dir == str(explicit) and plan.job_dir == str(tmp_path / "%j")
-    assert submit.rendezvous_port("42") == submit.rendezvous_port("42")
-    assert 20000 <= submit.rendezvous_port("42_3") < 60000
+
+
+def test_rendezvous_port_avoids_ephemeral_ports_and_moves_on_requeue():
+    """CI once failed a requeue with EADDRINUSE: the job-id port (then up to 60000) was held as the local
+    port of some outgoing connection. The port now stays below this machine's ephemeral range."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for job_id in [str(i) for i in range(1000)] + ["42_3", "123456789"]:
+        ports = [submit.rendezvous_port(job_id, restart) for restart in range(12)]
+        assert all(20000 <= port < min(32768, ephemeral_low) for port in ports), (job_id, ports)
+        assert len(set(ports)) == len(ports), (job_id, ports)          # each requeue its own port
+        assert ports[0] == submit.rendezvous_port(job_id)              # every task computes the same
 
 
 def test_checkpoint_requeues_the_same_configuration(data_dir, tmp_path):
@@ -308,6 +317,10 @@ def _check_ten_preemptions(job, tasks: int, out: Path, straight: Path) -> str:
     log = (out / "log.txt").read_text()
     assert f"{tasks} process(es) x {8 // tasks} images on cpu" in log.split("resumed from")[0]
     assert all((out / f"{job.job_id}_{task}_log.out").exists() for task in range(tasks))   # each task logged
+    if tasks > 1:   # every run of the job met at the port of its SLURM_RESTART_COUNT
+        met = re.findall(r"rendezvous tcp://\S+:(\d+) \(restart (\d+)\)", (out / f"{job.job_id}_0_log.out").read_text())
+        assert [(int(p), int(r)) for p, r in met] == [(submit.rendezvous_port(job.job_id, r), r)
+                                                      for r in range(PREEMPTIONS + 1)], met
     stops = re.findall(r"SIGUSR2: every process stopped after epoch (\d+) iteration (\d+)/10", log)
     resumes = re.findall(r"resumed from \S+ at epoch (\d+)(?: iteration (\d+))? \((\d+) iteration\(s\) trained again",
                          log)

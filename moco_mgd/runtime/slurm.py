@@ -14,10 +14,13 @@ scripts and the logs of every task (``%j_<task>_log.out`` / ``.err``) go there a
 It must be on a filesystem shared by all the nodes of the job (and the data, the teacher and
 ``--pretrained`` checkpoints must be readable from every node).
 
-Rendezvous: ``tcp://<first node of the job>:<port>``, the port derived from the job id, so it needs
-no shared-filesystem locking and no stale init file survives a requeue (a requeued job keeps its id,
-and the previous incarnation's store is gone by then). A job of a single task runs without a
-process group, exactly as ``python main_moco_mgd.py`` does.
+Rendezvous: ``tcp://<first node of the job>:<port>``, the port derived from the job id and
+``SLURM_RESTART_COUNT``, so it needs no shared-filesystem locking and no stale init file survives a
+requeue. The port lies below Linux's ephemeral range (32768-60999 by default): there, any outgoing
+connection on the node (another job's gloo pairs, a daemon's socket) can hold it at the moment the
+store binds, which fails with EADDRINUSE. Each requeue of a job moves one port up, so a task of the
+previous incarnation that is still being killed cannot hold it either. A job of a single task runs
+without a process group, exactly as ``python main_moco_mgd.py`` does.
 
 Preemption and time limit: SLURM sends USR2 ``signal_delay`` seconds early. Pretraining takes the
 signal itself (:mod:`moco_mgd.runtime.stopping`): every task stops after the same iteration, task 0
@@ -103,9 +106,14 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def rendezvous_port(job_id: str) -> int:
-    """A port in [20000, 60000) fixed by the job id: every task of the job computes the same one."""
-    return 20000 + zlib.crc32(str(job_id).encode()) % 40000
+# Below the kernel's default ephemeral ports (net.ipv4.ip_local_port_range 32768-60999): see the module docstring.
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
+def rendezvous_port(job_id: str, restart: int = 0) -> int:
+    """The store's port for run ``restart`` of job ``job_id``: every task of that run computes the same one."""
+    offset = (zlib.crc32(str(job_id).encode()) + restart) % len(RENDEZVOUS_PORTS)
+    return RENDEZVOUS_PORTS.start + offset
 
 
 def resolve_job_id(path: str, job_id: str) -> str:
@@ -145,7 +153,10 @@ class Trainer:
             stopped = worker(config, env)
         else:
             backend = "nccl" if device.type == "cuda" else "gloo"
-            init_method = f"tcp://{job.hostnames[0]}:{rendezvous_port(job.job_id)}"
+            restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+            init_method = f"tcp://{job.hostnames[0]}:{rendezvous_port(job.job_id, restart)}"
+            if job.global_rank == 0:
+                print(f"rendezvous {init_method} (restart {restart})", flush=True)
             init_process_group(backend, init_method, job.num_tasks, job.global_rank, device)
             try:
                 stopped = worker(config, env)
