@@ -114,6 +114,22 @@ def test_rendezvous_port_avoids_ephemeral_ports_and_moves_on_requeue():
         assert ports[0] == submit.rendezvous_port(job_id)              # every task computes the same
 
 
+def test_free_local_port_is_below_the_ephemeral_range_and_binds():
+    """The one-machine rendezvous of the tests and benchmarks follows the same rule, and a store binds it."""
+    import datetime
+
+    import torch.distributed as dist
+
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= port < min(32768, ephemeral_low) for port in ports), ports
+    assert len(ports) > 1                                              # drawn, not one fixed port
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=10))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+
+
 def test_checkpoint_requeues_the_same_configuration(data_dir, tmp_path):
     import submitit
 

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from moco_mgd.runtime import stopping
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
 
-__all__ = ["DistEnv", "free_local_port", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
+__all__ = ["DistEnv", "RENDEZVOUS_PORTS", "free_local_port", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
            "add_launch_arguments", "config_defaults", "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
 
 logger = logging.getLogger("moco_mgd")
@@ -41,13 +41,26 @@ class DistEnv:
         return self.rank == 0
 
 
+# Rendezvous ports are taken below Linux's default ephemeral range (net.ipv4.ip_local_port_range,
+# 32768-60999): a port there that is free now can become the local port of any outgoing connection
+# before the store binds it, which then fails with EADDRINUSE (seen in CI).
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
 def free_local_port() -> int:
-    """A TCP port free on 127.0.0.1 now: the rendezvous of a one-machine group (tests, benchmarks)."""
+    """A TCP port of ``RENDEZVOUS_PORTS`` free on 127.0.0.1 now: the rendezvous of a one-machine group
+    (tests, benchmarks)."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.Random().sample(RENDEZVOUS_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port among 200 tried in {RENDEZVOUS_PORTS.start}-{RENDEZVOUS_PORTS.stop - 1}")
 
 
 def launched_by_torchrun() -> bool:

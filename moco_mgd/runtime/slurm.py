@@ -106,12 +106,10 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-# Below the kernel's default ephemeral ports (net.ipv4.ip_local_port_range 32768-60999): see the module docstring.
-RENDEZVOUS_PORTS = range(20000, 32768)
-
-
 def rendezvous_port(job_id: str, restart: int = 0) -> int:
     """The store's port for run ``restart`` of job ``job_id``: every task of that run computes the same one."""
+    from moco_mgd.runtime.launch import RENDEZVOUS_PORTS
+
     offset = (zlib.crc32(str(job_id).encode()) + restart) % len(RENDEZVOUS_PORTS)
     return RENDEZVOUS_PORTS.start + offset
 
