@@ -103,13 +103,18 @@ def test_job_id_in_job_dir_and_output_dir(data_dir, tmp_path):
     assert plan.config.output_dir == str(explicit) and plan.job_dir == str(tmp_path / "%j")
 
 
+def _below_ephemeral_ports(ports) -> bool:
+    """All in 20000-32767 and below this machine's ephemeral range (where CI once found its port taken)."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return all(20000 <= port < min(32768, ephemeral_low) for port in ports)
+
+
 def test_rendezvous_port_avoids_ephemeral_ports_and_moves_on_requeue():
     """CI once failed a requeue with EADDRINUSE: the job-id port (then up to 60000) was held as the local
     port of some outgoing connection. The port now stays below this machine's ephemeral range."""
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for job_id in [str(i) for i in range(1000)] + ["42_3", "123456789"]:
         ports = [submit.rendezvous_port(job_id, restart) for restart in range(12)]
-        assert all(20000 <= port < min(32768, ephemeral_low) for port in ports), (job_id, ports)
+        assert _below_ephemeral_ports(ports), (job_id, ports)
         assert len(set(ports)) == len(ports), (job_id, ports)          # each requeue its own port
         assert ports[0] == submit.rendezvous_port(job_id)              # every task computes the same
 
@@ -120,9 +125,8 @@ def test_free_local_port_is_below_the_ephemeral_range_and_binds():
 
     import torch.distributed as dist
 
-    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = {free_port() for _ in range(20)}
-    assert all(20000 <= port < min(32768, ephemeral_low) for port in ports), ports
+    assert _below_ephemeral_ports(ports), ports
     assert len(ports) > 1                                              # drawn, not one fixed port
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=10))
