@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -29,9 +30,24 @@ from moco_mgd.runtime.logs import MetricsLog
 from moco_mgd.training.config import PretrainConfig, build_embedding_distiller
 from moco_mgd.training.schedules import matching_epochs
 
-__all__ = ["TeacherTargets", "StepLosses", "DistillationLoss", "PretrainModel", "Distillation"]
+__all__ = ["TeacherTargets", "StepLosses", "DistillationLoss", "PretrainModel", "Distillation", "own_random_stream"]
 
 logger = logging.getLogger("moco_mgd")
+
+# The distillation's streams are seeded from the run's --seed plus these offsets: distinct from
+# the global stream's seed, so no draw of the teacher or of random drop repeats one of the student's.
+BUILD_SEED_OFFSET = 1_000_003
+DRAWS_SEED_OFFSET = 2_000_003
+
+
+@contextmanager
+def own_random_stream(seed: int, device: torch.device):
+    """Run the block on torch's global RNG seeded from ``seed``, and leave the global RNG (CPU and
+    ``device``) as it was before the block."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed + BUILD_SEED_OFFSET)
+        yield
 
 
 class TeacherTargets(NamedTuple):
@@ -77,10 +93,11 @@ class DistillationLoss(nn.Module):
     def needs_key_view(self) -> bool:
         return self.embedding is not None and self.embedding.needs_key_view
 
-    def forward(self, moco: MoCoOutput, targets: TeacherTargets | None, infonce: torch.Tensor) -> StepLosses:
+    def forward(self, moco: MoCoOutput, targets: TeacherTargets | None, infonce: torch.Tensor,
+                generator: torch.Generator | None = None) -> StepLosses:
         loss, mgd_loss, per_stage, parts = infonce, None, None, {}
         if self.mgd is not None:
-            mgd_loss, per_stage = self.mgd(moco.query_stages, targets.stages)
+            mgd_loss, per_stage = self.mgd(moco.query_stages, targets.stages, generator)
             loss = loss + mgd_loss
         if self.embedding is not None:
             embedding_loss, parts = self.embedding(moco.query, targets.output, moco.query_key_view,
@@ -98,17 +115,18 @@ class PretrainModel(nn.Module):
     save ``moco.state_dict()``, not this module's.
     """
 
-    def __init__(self, moco: MoCo, distillation_loss: DistillationLoss):
+    def __init__(self, moco: MoCo, distillation_loss: DistillationLoss, generator: torch.Generator | None = None):
         super().__init__()
         self.moco = moco
         self.distillation_loss = distillation_loss
+        self.generator = generator   # random drop's draws: Distillation.generator, never the global stream
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, targets: TeacherTargets | None) -> StepLosses:
         loss_module = self.distillation_loss
         moco = self.moco(im_q, im_k, query_on_key_view=loss_module.needs_key_view,
                          with_stages=loss_module.needs_stages)
         infonce = nn.functional.cross_entropy(moco.logits.float(), moco.labels)
-        return loss_module(moco, targets, infonce)
+        return loss_module(moco, targets, infonce, self.generator)
 
 
 class Distillation:
@@ -119,35 +137,52 @@ class Distillation:
         loss: the losses; :class:`DistillationLoss` with nothing in it when off.
         match_epochs: epochs after which MGD's matching is re-solved (0: before training).
         fixed_matching: MGD without matching (``--mgd-schedule none``): channels assigned in order.
+        generator: the random source of the distillation's per-step draws (random drop), on the
+            training device; checkpointed with the run.
+
+    Exact pairing: nothing here draws from the global random stream, which the student's
+    initial weights and MoCo's shuffle-BN permutations come from. A baseline and a distilled run
+    of one seed therefore see the same images, augmentations, initial weights and shuffle-BN
+    draws; the teacher, the embedding heads and random drop each draw from a stream of their own.
     """
 
     def __init__(self, teacher: nn.Module | None = None, loss: DistillationLoss | None = None,
-                 match_epochs: Iterable[int] = (), fixed_matching: bool = False):
+                 match_epochs: Iterable[int] = (), fixed_matching: bool = False,
+                 generator: torch.Generator | None = None):
         self.teacher = teacher
         self.loss = loss if loss is not None else DistillationLoss()
         self.match_epochs = list(match_epochs)
         self.fixed_matching = fixed_matching
+        self.generator = generator
         if teacher is None and (self.loss.mgd is not None or self.loss.embedding is not None):
             raise ValueError("distillation losses need a teacher")
 
     @classmethod
     def from_config(cls, config: PretrainConfig, student: nn.Module, device: torch.device,
-                    memory_format: torch.memory_format = torch.contiguous_format) -> Distillation:
-        """The distillation ``config`` asks for, toward ``student`` (MoCo's query encoder); off without a teacher."""
+                    memory_format: torch.memory_format = torch.contiguous_format, seed: int = 0) -> Distillation:
+        """The distillation ``config`` asks for, toward ``student`` (MoCo's query encoder); off without a teacher.
+
+        Everything it builds draws from streams seeded by ``seed`` alone (see the class doc):
+        the global stream leaves this call as it came in.
+        """
         if not config.use_teacher:
             return cls()
-        teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem,
-                                      with_head=config.use_embedding_losses)
-        teacher = teacher.to(device, memory_format=memory_format)
-        mgd = embedding = None
-        if config.use_mgd:
-            mgd = MGDistiller.from_models(teacher, student, reducer=config.mgd_reducer,
-                                          loss_factor=config.mgd_loss_factor,
-                                          stage_weights=config.mgd_stage_weights).to(device)
-        if config.use_embedding_losses:
-            embedding = build_embedding_distiller(config, teacher).to(device)
+        with own_random_stream(seed, device):
+            # The teacher's architecture is initialised before its weights are loaded, and the
+            # embedding heads and SEED's queue are drawn: none of it may move the student's stream.
+            teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem,
+                                          with_head=config.use_embedding_losses)
+            teacher = teacher.to(device, memory_format=memory_format)
+            mgd = embedding = None
+            if config.use_mgd:
+                mgd = MGDistiller.from_models(teacher, student, reducer=config.mgd_reducer,
+                                              loss_factor=config.mgd_loss_factor,
+                                              stage_weights=config.mgd_stage_weights).to(device)
+            if config.use_embedding_losses:
+                embedding = build_embedding_distiller(config, teacher).to(device)
+        generator = torch.Generator(device=device).manual_seed(seed + DRAWS_SEED_OFFSET)
         return cls(teacher, DistillationLoss(mgd, embedding), matching_epochs(config.mgd_schedule, config.epochs),
-                   fixed_matching=config.mgd_schedule.strip() == "none")
+                   fixed_matching=config.mgd_schedule.strip() == "none", generator=generator)
 
     @property
     def mgd(self) -> MGDistiller | None:
@@ -179,16 +214,19 @@ class Distillation:
         """The teacher without its head, for the kNN reference line (None when off)."""
         return resnet_trunk(self.teacher) if self.teacher is not None else None
 
-    # ---- checkpointed state: the checkpoint's "mgd" and "embedding" entries --------------
+    # ---- checkpointed state: the checkpoint's "mgd", "embedding" and "distillation_rng" entries --
     def state_dict(self) -> dict:
         return {"mgd": self.mgd.state_dict() if self.mgd is not None else None,
-                "embedding": self.embedding.state_dict() if self.embedding is not None else None}
+                "embedding": self.embedding.state_dict() if self.embedding is not None else None,
+                "distillation_rng": self.generator.get_state() if self.generator is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if self.mgd is not None:
             self.mgd.load_state_dict(state["mgd"])
         if self.embedding is not None and state.get("embedding"):
             self.embedding.load_state_dict(state["embedding"])
+        if self.generator is not None and state.get("distillation_rng") is not None:
+            self.generator.set_state(state["distillation_rng"].cpu())
 
     # ---- MGD's matching schedule: coordinate descent between training epochs -------------
     def prepare(self, student: nn.Module, loader: Iterable | None, device: torch.device,

@@ -27,7 +27,7 @@ from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.logs import MetricsLog, furthest_logged, setup_logging
 from moco_mgd.runtime.stopping import StopRequest, ignore_stop_signals, signal_names
 from moco_mgd.training.config import PretrainConfig, build_moco, check_resume
-from moco_mgd.training.distillation import Distillation, PretrainModel
+from moco_mgd.training.distillation import Distillation, PretrainModel, own_random_stream
 from moco_mgd.training.engine import EpochProgress, NonFiniteLossError, RunStopped, diagnostics_text, train_one_epoch
 from moco_mgd.training.run_state import restore_run_state, run_state
 from moco_mgd.training.schedules import learning_rate, set_learning_rate
@@ -74,9 +74,9 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
     batch = per_process_batch(config.batch_size, env.local_world_size)
 
     model = build_moco(config).to(device, memory_format=memory_format)
-    distillation = Distillation.from_config(config, model.encoder_q, device, memory_format)
+    distillation = Distillation.from_config(config, model.encoder_q, device, memory_format, seed)
     mgd = distillation.mgd
-    pretrain_model = PretrainModel(model, distillation.loss)
+    pretrain_model = PretrainModel(model, distillation.loss, distillation.generator)
     # The MoCo parameters first, then MGD's student BNs: the optimizer state of every checkpoint so far.
     params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     distillation_params = [p for p in distillation.loss.parameters() if p.requires_grad]
@@ -100,7 +100,8 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
 
     def train_images(transform):
         # Training, matching and the kNN bank all see the same --max-images subset.
-        dataset = build_dataset(config.dataset, config.data, "train", transform, config.max_skipped_images)
+        dataset = build_dataset(config.dataset, config.data, "train", transform, config.max_skipped_images,
+                                config.val_holdout)
         return random_subset(dataset, config.max_images, seed) if config.max_images else dataset
 
     # Each image's augmentations are seeded by (seed, epoch, index): an epoch resumed part-way
@@ -119,7 +120,8 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
     knn_sets = None
     if config.knn_freq:
         knn_sets = (train_images(eval_transform(config.image_size)),
-                    build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size)))
+                    build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size),
+                                  val_holdout=config.val_holdout))
     metrics = MetricsLog(output_dir, env.is_main, config.wandb_project or None, config=config.to_dict())
 
     def knn_monitor(network: nn.Module, kind: str, epoch: int) -> None:
@@ -135,7 +137,9 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
         ckpt.set_rng_state(rng_to_restore)
     if knn_sets is not None and distillation.teacher is not None and start_epoch == 0 and progress is None:
         # The reference line the student is heading for (the trunk: the teacher may output its embedding).
-        knn_monitor(distillation.teacher_trunk(), "knn_teacher", 0)
+        # Its loaders' seeds come from the global stream: drawn aside, as the baseline has no teacher.
+        with own_random_stream(seed, device):
+            knn_monitor(distillation.teacher_trunk(), "knn_teacher", 0)
     distillation.prepare(model.encoder_q, match_loader, device, autocast_dtype, metrics)
     try:
         for epoch in range(start_epoch, config.epochs):
