@@ -12,7 +12,7 @@ import sys
 
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
 from moco_mgd.runtime import launch
-from moco_mgd.runtime.data import DATASETS
+from moco_mgd.runtime.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.evaluation.lincls import LinclsConfig, check_config, linear_eval
 
 
@@ -63,6 +63,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--max-images", type=int,
                      help="train fc on a random subset of this many labelled images (0: all); with the same "
                           "--seed it is the subset main_moco_mgd.py --max-images pretrained on")
+    run.add_argument("--val-holdout", type=float, help=VAL_HOLDOUT_HELP)
     return launch.set_config_defaults(parser, LinclsConfig)
 
 

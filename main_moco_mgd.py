@@ -13,7 +13,7 @@ from moco_mgd.losses.cckd import KERNELS
 from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
 from moco_mgd.runtime import launch
-from moco_mgd.runtime.data import DATASETS
+from moco_mgd.runtime.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.runtime.precision import AMP_MODES
 from moco_mgd.training.config import PretrainConfig, validate
 from moco_mgd.training.pretrain import pretrain
@@ -112,6 +112,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="stop when more unreadable images than this were skipped (per loader process)")
     run.add_argument("--max-images", type=int,
                      help="train on a random subset of this many images (0: all); for demos and quick checks")
+    run.add_argument("--val-holdout", type=float, help=VAL_HOLDOUT_HELP)
     run.add_argument("--knn-freq", type=int,
                      help="every N epochs, kNN top-1 of the student on the labelled train/val split (val/ "
                           "for image folders, the test set for fashion-mnist); 0: off. The teacher is "

@@ -233,3 +233,38 @@ def test_transforms_are_mocos():
     assert [type(t) for t in v1] == [T.RandomResizedCrop, T.RandomGrayscale, T.ColorJitter,
                                      T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     assert v1[2].hue == (-0.4, 0.4)
+
+
+def test_holdout_split_is_stratified_disjoint_and_fixed():
+    targets = [0] * 50 + [1] * 30 + [2] * 20
+    kept, held = data.holdout_split(targets, 0.1)
+    assert sorted(kept + held) == list(range(100)) and not set(kept) & set(held)
+    assert [sum(targets[i] == c for i in held) for c in range(3)] == [5, 3, 2]
+    assert data.holdout_split(targets, 0.1) == (kept, held)          # the same for every run
+    assert data.holdout_split(targets, 0.1, seed=1)[1] != held       # drawn, not the first of each class
+    # A class of 2 images still keeps one for training; one of 1 gives nothing.
+    kept, held = data.holdout_split([0, 0, 1], 0.9)
+    assert held == [0] and kept == [1, 2]
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5, float("nan")])
+def test_holdout_fraction_out_of_range_is_refused(fraction):
+    with pytest.raises(ValueError, match="--val-holdout .*must be > 0 and < 1"):
+        data.holdout_split([0, 1, 0, 1], fraction)
+
+
+def test_build_dataset_with_holdout_validates_on_held_out_training_images(tmp_path):
+    images, labels = _write_fashion(str(tmp_path), "train", n=200, gz=False)
+    _write_fashion(str(tmp_path), "t10k", n=7, gz=False, seed=1)
+    train = build_dataset("fashion-mnist", str(tmp_path), "train", val_holdout=0.25)
+    for split in ("val", "test"):
+        val = build_dataset("fashion-mnist", str(tmp_path), split, val_holdout=0.25)
+        assert len(val) == 200 - len(train) and 40 <= len(val) <= 60   # a quarter of each class, rounded
+        assert not set(train.indices) & set(val.indices)
+    assert val.classes == train.classes and val.targets == labels[val.indices].tolist()
+    image, label = val[0]   # a training image, not one of the 7 test images
+    assert np.array_equal(np.asarray(image)[..., 0], images[val.indices[0]]) and label == labels[val.indices[0]]
+    # --max-images then draws from the kept images only.
+    subset = random_subset(train, 50, seed=0)
+    assert {train.indices[i] for i in subset.indices} <= set(train.indices)
+    assert data.evaluated_on(0.25).startswith("validation: 0.25 of the training images")

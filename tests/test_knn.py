@@ -187,3 +187,18 @@ def test_cli_bad_input(folders, capsys):
     assert "classes of train/ and val/ differ" in _cli_error(folders, "moco.pth.tar", capsys)
     shutil.rmtree(folders / "data" / "val")
     assert "val/" in _cli_error(folders, "moco.pth.tar", capsys)
+
+
+def test_cli_val_holdout_scores_held_out_training_images(tmp_path, capsys):
+    from tests.helpers import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path / "fm", "train", n=100, structured=True)
+    write_fashion_mnist(tmp_path / "fm", "t10k", n=20, seed=1, structured=True)
+    knn.main([str(tmp_path / "fm"), "--dataset", "fashion-mnist", "--random-init", "--val-holdout", "0.3", "-k", "5",
+              "-b", "16", "-j", "0", "--image-size", "32"])
+    out = capsys.readouterr().out
+    held = int(out.split(" val images")[0].split()[-1])
+    assert 25 <= held <= 35 and f"{100 - held} train, {held} val images" in out   # not the 20 test images' count
+    with pytest.raises(SystemExit):
+        knn.main([str(tmp_path / "fm"), "--dataset", "fashion-mnist", "--random-init", "--val-holdout", "1"])
+    assert "--val-holdout 1.0: must be > 0 and < 1" in capsys.readouterr().err

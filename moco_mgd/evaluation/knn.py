@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from moco_mgd.runtime import distributed
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, load_frozen_backbone, resnet_trunk
-from moco_mgd.runtime.data import DATASETS, build_dataset, check_same_classes, eval_transform, random_subset
+from moco_mgd.runtime.data import (DATASETS, VAL_HOLDOUT_HELP, build_dataset, check_same_classes, eval_transform,
+                                   random_subset)
 from moco_mgd.evaluation.features import extract_features
 from moco_mgd.runtime import launch
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, check_numbers
@@ -203,6 +204,7 @@ class KnnConfig:
     random_init: bool = False
     seed: int = 0
     max_images: int = 0
+    val_holdout: float = 0.0
     arch: str = "resnet18"
     stem: str = "imagenet"
     dataset: str = "imagefolder"
@@ -229,6 +231,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int,
                         help="a random subset of this many train images as the bank (0: all); with the same "
                              "--seed it is the subset main_moco_mgd.py --max-images trained on")
+    parser.add_argument("--val-holdout", type=float, help=VAL_HOLDOUT_HELP)
     parser.add_argument("-a", "--arch", choices=RESNET_ARCHS)
     parser.add_argument("--stem", choices=STEMS)
     parser.add_argument("--dataset", choices=DATASETS)
@@ -253,8 +256,8 @@ def _network(config: KnnConfig) -> nn.Module:
 
 
 def _datasets(config: KnnConfig) -> tuple[Dataset, Dataset]:
-    train_set, val_set = (build_dataset(config.dataset, config.data, split, eval_transform(config.image_size))
-                          for split in ("train", "val"))
+    train_set, val_set = (build_dataset(config.dataset, config.data, split, eval_transform(config.image_size),
+                                        val_holdout=config.val_holdout) for split in ("train", "val"))
     check_same_classes(train_set, val_set)
     if config.max_images:
         train_set = random_subset(train_set, config.max_images, config.seed)

@@ -73,6 +73,7 @@ class LinclsConfig:
     stem: str = "imagenet"
     cached_features: bool = False
     max_images: int = 0
+    val_holdout: float = 0.0
     knn_k: int = 0
     knn_t: float = 0.07
 
@@ -240,8 +241,8 @@ def check_config(config: LinclsConfig, world_size: int, local_world_size: int) -
     if local_world_size > config.batch_size:
         raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
                          f"of a node: each process needs at least one image")
-    train_set = build_dataset(config.dataset, config.data, "train")
-    check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))
+    train_set = build_dataset(config.dataset, config.data, "train", val_holdout=config.val_holdout)
+    check_same_classes(train_set, build_dataset(config.dataset, config.data, "val", val_holdout=config.val_holdout))
     if config.knn_k and not config.cached_features:
         raise ValueError(f"--knn-k {config.knn_k} scores the cached features: add --cached-features, or use "
                          "python -m moco_mgd.evaluation.knn for the images")
@@ -274,10 +275,11 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
     device, batch = env.device, per_process_batch(config.batch_size, env.local_world_size)
     def train_images(transform):
         # The subset rule of main_moco_mgd.py --max-images: the same --seed draws the same images.
-        dataset = build_dataset(config.dataset, config.data, "train", transform)
+        dataset = build_dataset(config.dataset, config.data, "train", transform, val_holdout=config.val_holdout)
         return random_subset(dataset, config.max_images, config.seed or 0) if config.max_images else dataset
 
-    val_set = build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size))
+    val_set = build_dataset(config.dataset, config.data, "val", eval_transform(config.image_size),
+                            val_holdout=config.val_holdout)
     train_set = train_images(train_transform(config.image_size))
     # check_config made sure train and val have the same classes; a Subset has no .classes.
     model, description = build_linear_model(config.arch, len(val_set.classes), config.pretrained, config.stem)
@@ -307,7 +309,8 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
         cached = []
         for split in ("train", "val"):  # both under the val transform; the trunk is the model with fc = identity
             dataset = (train_images(eval_transform(config.image_size)) if split == "train" else
-                       build_dataset(config.dataset, config.data, split, eval_transform(config.image_size)))
+                       build_dataset(config.dataset, config.data, split, eval_transform(config.image_size),
+                                     val_holdout=config.val_holdout))
             cached.append(TensorDataset(*extract_features(resnet_trunk(model), dataset, batch, device,
                                                           config.workers)))
             logger.info(f"cached {split} features {tuple(cached[-1].tensors[0].shape)}")

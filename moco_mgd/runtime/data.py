@@ -291,8 +291,50 @@ def _image_folder(data: str, split: str, transform: Callable | None, max_skipped
         raise ValueError(f"no images in the class folders of {folder}: {exc}") from exc
 
 
+VAL_HOLDOUT_HELP = ("hold out this fraction of the training images (stratified by class, the same split for every "
+                    "run and seed) as the validation set: training and --max-images draw from the rest, and "
+                    "every evaluation scores the held-out images instead of the val/test split (0: off). "
+                    "Choose hyperparameters with it; score the test set once, without it")
+
+# The held-out validation images are the same for every run and seed: the split is a property
+# of the study, not of a run.
+VAL_HOLDOUT_SEED = 0
+
+
+class PartOfTrain(Subset):
+    """A part of a labelled training set that keeps its ``classes`` and its ``targets``."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        super().__init__(dataset, list(indices))
+        self.classes = list(getattr(dataset, "classes", []))
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+
+def holdout_split(targets: Sequence[int], fraction: float, seed: int = VAL_HOLDOUT_SEED
+                  ) -> tuple[list[int], list[int]]:
+    """Stratified split of a training set into (kept, held-out) indices, both sorted.
+
+    Each class gives ``round(fraction * its size)`` images (at least one, and never all of them)
+    to the held-out part, drawn from a generator seeded with ``seed`` alone.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-holdout {fraction}: must be > 0 and < 1 (the fraction of the training images "
+                         "held out as the validation set, e.g. 0.1; 0 scores the val/test split instead)")
+    labels = torch.as_tensor(list(targets), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        held.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    held_out = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held_out] = False
+    return keep.nonzero().flatten().tolist(), held_out.tolist()
+
+
 def build_dataset(name: str, data: str | None, split: str = "train", transform: Callable | None = None,
-                  max_skipped: int = 100) -> Dataset:
+                  max_skipped: int = 100, val_holdout: float = 0.0) -> Dataset:
     """The dataset a run reads, checked before any training starts.
 
     Args:
@@ -302,12 +344,19 @@ def build_dataset(name: str, data: str | None, split: str = "train", transform: 
         split: ``train``; ``val`` (image folders), or ``val``/``test`` (Fashion-MNIST's t10k files).
         transform: applied to each PIL image.
         max_skipped: unreadable images one process may skip (image folders only).
+        val_holdout: if positive, this fraction of the training images, stratified by class
+            (:func:`holdout_split`), is the validation set: ``train`` is the rest, and ``val`` or
+            ``test`` is the held-out part, so hyperparameters are chosen without the test set.
 
     Returns:
         A dataset of ``(transform(image), label)``. Raises ``FileNotFoundError`` for missing
         directories or files, ``ValueError`` for an unknown name or split, or a folder without
         classes or images.
     """
+    if val_holdout:
+        train_set = build_dataset(name, data, "train", transform, max_skipped)
+        kept, held_out = holdout_split(train_set.targets, val_holdout)
+        return PartOfTrain(train_set, kept if split == "train" else held_out)
     if name == "imagefolder":
         return _image_folder(data or "", split, transform, max_skipped)
     if name == "fashion-mnist":
@@ -315,6 +364,14 @@ def build_dataset(name: str, data: str | None, split: str = "train", transform: 
             raise ValueError(f"unknown Fashion-MNIST split {split!r}: choose train, val or test")
         return FashionMNIST(find_fashion_mnist(data or None), train=split == "train", transform=transform)
     raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def evaluated_on(val_holdout: float) -> str:
+    """What the evaluation scores, in words for logs and ``result.json``."""
+    if val_holdout:
+        return (f"validation: {val_holdout:g} of the training images held out (stratified, split seed "
+                f"{VAL_HOLDOUT_SEED}); training used the rest")
+    return "the val/test split"
 
 
 def random_subset(dataset: Dataset, num_images: int, seed: int) -> Subset:

@@ -80,6 +80,7 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     max_skipped_images: int = 100
     max_images: int = 0
+    val_holdout: float = 0.0
     knn_freq: int = 0
     knn_k: int = 200
     knn_t: float = 0.1
@@ -161,9 +162,9 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
     if config.seed_weight > 0 and config.seed_queue % global_batch:
         raise ValueError(f"--seed-queue {config.seed_queue} is not divisible by the global batch size {global_batch}: "
                          f"SEED's queue is filled in whole batches; choose a multiple of {global_batch}")
-    train_set = build_dataset(config.dataset, config.data, "train")
+    train_set = build_dataset(config.dataset, config.data, "train", val_holdout=config.val_holdout)
     if config.knn_freq:
-        check_same_classes(train_set, build_dataset(config.dataset, config.data, "val"))
+        check_same_classes(train_set, build_dataset(config.dataset, config.data, "val", val_holdout=config.val_holdout))
     ckpt.check_writable(config.output_dir)
     if config.use_teacher:
         teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem,
