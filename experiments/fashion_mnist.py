@@ -30,9 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS
 from moco_mgd.runtime import plots
-from moco_mgd.runtime.data import FASHION_MNIST_DIR, find_fashion_mnist
+from moco_mgd.runtime.data import FASHION_MNIST_DIR, VAL_HOLDOUT_HELP, evaluated_on, find_fashion_mnist
 from moco_mgd.runtime.results import read_result, results_table, run_result, summary_line, write_result
 from supervised_teacher import TEACHER_FILE
+
+# The teacher kinds, by how they are named in the table. All but moco are saved as a plain
+# torchvision state dict (TEACHER_FILE) with a classifier where MoCo-v2 has its embedding head.
+TEACHER_KINDS = {"moco": "MoCo-v2", "supervised": "supervised", "random": "random-weight",
+                 "random-bn": "random-weight (BN re-estimated)"}
 
 # Student methods. A "+" combines an MGD variant with embedding losses; an embedding loss
 # alone runs with --no-mgd. Their flags: method_flags().
@@ -84,6 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-epochs", type=int, default=0, help="the teacher's (default: --epochs)")
     parser.add_argument("--images", type=int, default=8192, help="training images (a random subset; 60000: all)")
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--val-holdout", type=float, default=0.0, help=VAL_HOLDOUT_HELP)
     parser.add_argument("--stem", default="imagenet", choices=["imagenet", "small"])
     parser.add_argument("--student-arch", default="resnet18")
     parser.add_argument("--teacher-arch", default="resnet50")
@@ -121,10 +127,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-j", "--workers", type=int, default=2)
     parser.add_argument("--print-freq", type=int, default=50)
     parser.add_argument("--python", default=sys.executable, help="interpreter of the runs")
-    parser.add_argument("--teacher-kind", default=None, choices=["moco", "supervised"],
+    parser.add_argument("--teacher-kind", default=None, choices=list(TEACHER_KINDS),
                         help="moco: a MoCo-v2 teacher trained without labels; supervised: the positive control, "
-                             "trained with labels on the same images (experiments/supervised_teacher.py). Default: "
-                             "the kind of the teacher already in the output directory (or --teacher-from), else moco")
+                             "trained with labels on the same images (experiments/supervised_teacher.py); random "
+                             "and random-bn: the negative controls, a random-weight network as initialised or with "
+                             "its BN statistics re-estimated on the training images (experiments/random_teacher.py). "
+                             "Default: the kind of the teacher already in the output directory (or --teacher-from), "
+                             "else moco")
     parser.add_argument("--teacher-lr", type=float, default=2e-3, help="AdamW lr of the supervised teacher")
     parser.add_argument("--teacher-from", default="",
                         help="an earlier experiment's output directory: distil from its finished teacher instead "
@@ -133,6 +142,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="a MoCo-v2 --teacher-arch checkpoint trained elsewhere (main_moco_mgd.py's or the "
                              "official MoCo's layout, e.g. a longer run with other flags): the teacher of every "
                              "student, evaluated as the teacher row, instead of training one")
+    parser.add_argument("--baseline-from", default="",
+                        help="an earlier experiment's output directory with the same student settings: its "
+                             "baseline and random-weight runs are this table's (paired by seed), none is trained "
+                             "here; for studies of several teachers against one baseline")
     parser.add_argument("--no-random-init", dest="random_init", action="store_false",
                         help="skip the random-weights row (e.g. in an ablation whose main experiment has it)")
     parser.add_argument("--report-only", action="store_true",
@@ -152,6 +165,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--moco-k {args.moco_k} must be a multiple of -b {args.batch_size}")
     if args.seed_queue % args.batch_size:
         raise SystemExit(f"--seed-queue {args.seed_queue} must be a multiple of -b {args.batch_size}")
+    if args.val_holdout and not 0 < args.val_holdout < 1:
+        raise SystemExit(f"--val-holdout {args.val_holdout}: must be > 0 and < 1 (0: score the test set)")
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {args.seeds} repeats a seed")
     if args.teacher_checkpoint:
@@ -216,6 +231,13 @@ def run_command(command: list[str], log_path: Path) -> float:
     return time.perf_counter() - start
 
 
+def common_flags(args: argparse.Namespace, data: str, seed: int) -> list[str]:
+    """The flags every command of a run shares: the data, its size and split, the seed."""
+    flags = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
+             "-j", str(args.workers), "--seed", str(seed)]
+    return flags + (["--val-holdout", str(args.val_holdout)] if args.val_holdout else [])
+
+
 def lincls_flags(args: argparse.Namespace) -> list[str]:
     """MoCo's linear protocol (lr 30, x0.1 at 60% and 80% of the epochs) on cached features."""
     return ["--cached-features", "--epochs", str(args.lincls_epochs), "--schedule", str(args.lincls_epochs * 6 // 10),
@@ -241,8 +263,7 @@ def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path
     """Pretrain one run (unless its result exists), evaluate it, record its result."""
     if (done := finished_before(run_dir, f"{method} seed {seed}")) is not None:
         return done
-    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
-              "-j", str(args.workers), "--seed", str(seed)]
+    common = common_flags(args, data, seed)
     # One checkpoint kept per run: the evaluation reads the last, a resumed run needs only the newest,
     # and a study's dozens of runs would otherwise keep every epoch's (130 MB each for a ResNet-18).
     pretrain = [args.python, "main_moco_mgd.py", *common, "-a", arch, "--epochs", str(epochs),
@@ -264,8 +285,7 @@ def linear_evaluation(args, data: str, method: str, seed: int, run_dir: Path, ar
     A pretraining run's kNN is already in its log; ``knn_here`` scores it on the linear
     evaluation's cached features instead (the same protocol, without a second feature pass).
     """
-    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
-              "-j", str(args.workers), "--seed", str(seed)]
+    common = common_flags(args, data, seed)
     lincls_dir = run_dir / "lincls"
     lincls_dir.mkdir(exist_ok=True)
     for stale in ("metrics.jsonl", "checkpoint.pth.tar", "model_best.pth.tar"):  # a half-done eval restarts
@@ -277,6 +297,7 @@ def linear_evaluation(args, data: str, method: str, seed: int, run_dir: Path, ar
     eval_seconds = run_command(lincls, lincls_dir / "stdout.txt")
     result = run_result(lincls_dir if knn_here else run_dir, lincls_dir, method=method, seed=seed, arch=arch, epochs=epochs,
                         pretrain_seconds=pretrain_seconds, eval_seconds=eval_seconds)
+    result.update(val_holdout=args.val_holdout, evaluated_on=evaluated_on(args.val_holdout))
     if method == "teacher":
         result["teacher_kind"] = args.teacher_kind
     write_result(run_dir, result)
@@ -289,12 +310,23 @@ def train_supervised_teacher(args, data: str, seed: int, run_dir: Path, epochs: 
     """The positive control: a teacher trained with labels on the students' images, then evaluated as they are."""
     if (done := finished_before(run_dir, "supervised teacher")) is not None:
         return done
-    common = [data, "--dataset", "fashion-mnist", "--image-size", str(args.image_size), "--stem", args.stem,
-              "-j", str(args.workers), "--seed", str(seed), "-a", args.teacher_arch, "--max-images", str(args.images)]
+    common = [*common_flags(args, data, seed), "-a", args.teacher_arch, "--max-images", str(args.images)]
     seconds = run_command([args.python, "experiments/supervised_teacher.py", *common, "--epochs", str(epochs),
                            "-b", str(args.batch_size), "--lr", str(args.teacher_lr), "-p", str(args.print_freq),
                            "--output-dir", str(run_dir)], run_dir / "stdout.txt")
     return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs, run_dir / TEACHER_FILE,
+                             seconds, knn_here=True)
+
+
+def make_random_teacher(args, data: str, seed: int, run_dir: Path) -> dict:
+    """The negative control: a random-weight teacher (its BN re-estimated for random-bn), evaluated as the others."""
+    if (done := finished_before(run_dir, f"{args.teacher_kind} teacher")) is not None:
+        return done
+    command = [args.python, "experiments/random_teacher.py", *common_flags(args, data, seed), "-a", args.teacher_arch,
+               "--max-images", str(args.images), "-b", str(args.batch_size), "--output-dir", str(run_dir)]
+    seconds = run_command(command + (["--recalibrate-bn"] if args.teacher_kind == "random-bn" else []),
+                          run_dir / "stdout.txt")
+    return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, 0, run_dir / TEACHER_FILE,
                              seconds, knn_here=True)
 
 
@@ -350,7 +382,7 @@ def teacher_weights(teacher_dir: Path, kind: str, epochs: int, adopted: str = ""
     """What the students' --teacher-checkpoint is."""
     if adopted:
         return Path(adopted)
-    return teacher_dir / TEACHER_FILE if kind == "supervised" else last_checkpoint(teacher_dir, epochs)
+    return last_checkpoint(teacher_dir, epochs) if kind == "moco" else teacher_dir / TEACHER_FILE
 
 
 def evaluate_random_init(args, data: str, seed: int, run_dir: Path) -> dict:
@@ -387,9 +419,9 @@ def main(argv: list[str] | None = None) -> None:
                              "flag, or use another --output-dir")
         args.teacher_kind = kind
     args.teacher_kind = args.teacher_kind or "moco"
-    if args.teacher_kind == "supervised" and any(m in EMBEDDING_METHODS or "+" in m for m in args.methods):
-        raise SystemExit("the embedding losses distil a MoCo-v2 head's embedding, and a supervised teacher has a "
-                         "classifier there: use --teacher-kind moco for cckd/disco/seed")
+    if args.teacher_kind != "moco" and any(m in EMBEDDING_METHODS or "+" in m for m in args.methods):
+        raise SystemExit(f"the embedding losses distil a MoCo-v2 head's embedding, and a {args.teacher_kind} teacher "
+                         "has a classifier there: use --teacher-kind moco for cckd/disco/seed")
     teacher_flags = ["--teacher-arch", args.teacher_arch,
                      "--teacher-checkpoint",
                      str(teacher_weights(teacher_dir, args.teacher_kind, teacher_epochs, args.teacher_checkpoint)),
@@ -408,46 +440,62 @@ def main(argv: list[str] | None = None) -> None:
         elif args.teacher_kind == "supervised":
             plan.append((teacher_dir, lambda: train_supervised_teacher(args, data, args.seeds[0], teacher_dir,
                                                                        teacher_epochs)))
+        elif args.teacher_kind in ("random", "random-bn"):
+            plan.append((teacher_dir, lambda: make_random_teacher(args, data, args.seeds[0], teacher_dir)))
         else:
             plan.append((teacher_dir, lambda: pretrain_and_evaluate(args, data, "teacher", args.seeds[0], teacher_dir,
                                                                     args.teacher_arch, teacher_epochs, [])))
+    shared = Path(args.baseline_from) if args.baseline_from else output   # where the baseline and random rows live
+    # Borrowed baselines are rows of the table, as the ones trained here are.
+    methods = ["baseline", *args.methods] if args.baseline_from and "baseline" not in args.methods else args.methods
     for seed in args.seeds:
-        for method in args.methods:
-            run_dir = output / f"seed{seed}" / method
+        for method in methods:
+            run_dir = (shared if method == "baseline" else output) / f"seed{seed}" / method
             flags = method_flags(method, args)
             extra = [] if flags is None else teacher_flags + flags
             plan.append((run_dir, lambda m=method, s=seed, d=run_dir, e=extra: pretrain_and_evaluate(
                 args, data, m, s, d, args.student_arch, args.epochs, e)))
-        run_dir = output / f"seed{seed}" / "random"
+        run_dir = shared / f"seed{seed}" / "random"
         if args.random_init:
             plan.append((run_dir, lambda s=seed, d=run_dir: evaluate_random_init(args, data, s, d)))
+    unfinished = [str(d) for d, _ in plan if args.baseline_from and d.is_relative_to(shared) and read_result(d) is None]
+    if unfinished and not args.report_only:
+        raise SystemExit(f"--baseline-from {args.baseline_from}: {', '.join(unfinished)} not finished; run that "
+                         "experiment's baseline (and random) seeds first")
     if args.report_only:
         results = [r for r in (read_result(run_dir) for run_dir, _ in plan) if r is not None]
     else:
         results = [run() for _, run in plan]
-    kind = {"moco": "MoCo-v2", "supervised": "supervised"}[args.teacher_kind]
+    kind = TEACHER_KINDS[args.teacher_kind]
     titles = {m: t.format(teacher=args.teacher_arch, student=args.student_arch, teacher_kind=kind)
               for m, t in TITLES.items()}
-    table = results_table(results, ["teacher", *args.methods, "random"], titles)
+    table = results_table(results, ["teacher", *methods, "random"], titles)
     if args.report_only:
         # This invocation's flags need not be the ones the runs were trained with (defaults, most of them).
         settings = (f"Assembled by --report-only from the runs' result.json files (seeds "
                     f"{' '.join(map(str, args.seeds))}); each run's settings are its command lines, the lines "
-                    f"starting with $ in its stdout.txt. kNN and linear top-1 on the 10,000 test images")
+                    f"starting with $ in its stdout.txt. kNN and linear top-1 on {scored_on(args)}")
     else:
         settings = run_settings(args, kind, teacher_epochs)
     student = next((m for m in args.methods if m != "baseline"), "baseline")
     summary = summary_line(results, student, {**titles, "teacher": f"{kind} {args.teacher_arch} teacher"})
     (output / "results.md").write_text(settings + "\n\n" + table + "\n" + summary + "\n")
     (output / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
-    figure_run, baseline_run = (output / f"seed{args.seeds[0]}" / method for method in ("mgd-amp", "baseline"))
+    figure_run, baseline_run = output / f"seed{args.seeds[0]}" / "mgd-amp", shared / f"seed{args.seeds[0]}" / "baseline"
     if (figure_run / "metrics.jsonl").is_file():
         compare = {"baseline": baseline_run} if (baseline_run / "metrics.jsonl").is_file() else {}
-        random_run = output / f"seed{args.seeds[0]}" / "random"
+        random_run = shared / f"seed{args.seeds[0]}" / "random"
         references = {"random init": random_run} if (random_run / "metrics.jsonl").is_file() else {}
         plots.write_run_figures(figure_run, output / "figures", label="MGD-AMP", compare=compare, references=references)
     print(f"\n{settings}\n\n{table}\n{summary}\nwritten to {output / 'results.md'} in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
+def scored_on(args: argparse.Namespace) -> str:
+    if args.val_holdout:
+        return (f"the held-out validation images ({args.val_holdout:g} of the training set, stratified; never the "
+                "test set)")
+    return "the 10,000 test images"
 
 
 def run_settings(args: argparse.Namespace, kind: str, teacher_epochs: int) -> str:
@@ -460,8 +508,8 @@ def run_settings(args: argparse.Namespace, kind: str, teacher_epochs: int) -> st
                 f"{args.mgd_schedule} on "
                 f"{args.mgd_samples} images, MGD loss factor {args.mgd_loss_factor:g}, "
                 f"stage weights {' '.join(f'{w:g}' for w in args.mgd_stage_weights)}, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
-                f"T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached features) on the "
-                f"10,000 test images")
+                f"T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached features) on "
+                f"{scored_on(args)}")
     if any("+" in m or m in EMBEDDING_METHODS for m in args.methods):
         settings += (f"; embedding losses: CCKD weight {args.cckd_weight} (rbf-taylor, P=2, gamma 0.4), DisCo "
                      f"weight {args.disco_weight} ({'both views' if args.disco_both_views else 'query view'}"

@@ -33,7 +33,8 @@ from torchvision import transforms
 
 from moco_mgd.runtime import checkpoint as ckpt
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet
-from moco_mgd.runtime.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset, random_subset
+from moco_mgd.runtime.data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, VAL_HOLDOUT_HELP, build_dataset,
+                                   random_subset)
 from moco_mgd.training.schedules import set_learning_rate
 from moco_mgd.runtime.logs import MetricsLog, setup_logging
 
@@ -57,6 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", default=0, type=int,
                         help="train on a random subset of this many images (0: all); the subset of "
                              "main_moco_mgd.py --max-images with the same --seed")
+    parser.add_argument("--val-holdout", default=0.0, type=float, help=VAL_HOLDOUT_HELP)
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("-j", "--workers", default=2, type=int)
     parser.add_argument("-p", "--print-freq", default=50, type=int)
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> Path:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     try:
-        dataset = build_dataset(args.dataset, args.data, "train", train_transform(args.image_size))
+        dataset = build_dataset(args.dataset, args.data, "train", train_transform(args.image_size),
+                                val_holdout=args.val_holdout)
     except (FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     classes = len(dataset.classes)
