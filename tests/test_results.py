@@ -78,7 +78,9 @@ def test_paired_differences_against_the_baseline_of_the_same_seed():
                         "| eval s |")
     rows = {line.split(" | ")[0]: line.split(" | ") for line in table[2:]}
     # MGD-AMP is 1.00 ± 0.50 better per seed, while each mean spreads by about 2 over the seeds.
-    assert rows["| mgd-amp"][2:6] == ["73.00 ± 2.29", "81.17 ± 0.76", "+1.00 ± 0.50", "+0.17 ± 0.29"]
+    # The 95% t-interval of the mean difference: 1.00 ± t(0.975, 2) * 0.50 / sqrt(3), t = 4.303.
+    assert rows["| mgd-amp"][2:6] == ["73.00 ± 2.29", "81.17 ± 0.76", "+1.00 ± 0.50 [-0.24, +2.24]",
+                                      "+0.17 ± 0.29 [-0.55, +0.88]"]
     assert rows["| teacher"][4:6] == ["-5.00", "-10.00"]          # its one seed against baseline seed 0
     assert rows["| base"][4:6] == ["", ""]
 
@@ -93,13 +95,18 @@ def test_summary_line_says_whether_the_teacher_is_better_and_the_student_wins():
                r("mgd-amp", 0, 73.0, 74.0), r("mgd-amp", 1, 74.0, 73.5), r("random", 0, 74.5, 76.0)]
     titles = {"teacher": "supervised resnet50 teacher", "mgd-amp": "MGD-AMP"}
     line = summary_line(results, "mgd-amp", titles)
+    # Differences 3, 2 (kNN) and 2, 0.5 (linear): t(0.975, 1) = 12.706, std / sqrt(2) = 0.5 and 0.75.
     assert line == ("In short: the supervised resnet50 teacher is better than the baseline student (kNN 85.00 vs "
-                    "71.00); MGD-AMP beats it on both probes: +2.50 kNN, +1.25 linear top-1 against the baseline of the same seed "
-                    "(2 seeds); random weights, the floor: kNN 74.50.")
+                    "71.00); MGD-AMP beats it on both probes: +2.50 kNN (95% CI -3.85 to +8.85), +1.25 linear top-1 "
+                    "(95% CI -8.28 to +10.78) against the baseline of the same seed (2 seeds); against random weights "
+                    "(kNN 74.50, linear 76.00): supervised resnet50 teacher above them on both probes (+10.50 kNN, "
+                    "+10.00 linear), baseline BELOW them on both probes (-3.50 kNN, -3.50 linear), MGD-AMP BELOW them "
+                    "on both probes (-1.00 kNN, -2.25 linear).")
+    assert "floor" not in line   # never called the floor: trained rows can be below it
     worse = summary_line([r("teacher", 0, 60.0, 60.0), r("baseline", 0, 70.0, 72.0), r("mgd-amp", 0, 69.0, 73.0)],
                          "mgd-amp", titles)
     assert "is WORSE than the baseline" in worse and "MGD-AMP beats it on the linear probe only: -1.00 kNN, +1.00 linear" in worse
-    assert "(1 seed)" in worse and "floor" not in worse
+    assert "(1 seed)" in worse and "random weights" not in worse and "CI" not in worse
     for student, verdict in (((71.0, 71.0), "MGD-AMP beats it on kNN only: +1.00 kNN, -1.00 linear"),
                              ((70.0, 72.0), "MGD-AMP does not beat it: +0.00 kNN, +0.00 linear")):
         line = summary_line([r("baseline", 0, 70.0, 72.0), r("mgd-amp", 0, *student)], "mgd-amp", titles)

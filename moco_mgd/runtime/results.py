@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moco_mgd.runtime.logs import read_metrics
 
-__all__ = ["RESULT_FILE", "last_record", "run_result", "write_result", "read_result", "summarize",
+__all__ = ["RESULT_FILE", "last_record", "run_result", "write_result", "read_result", "summarize", "t_interval",
            "paired_differences", "results_table", "summary_line"]
 
 RESULT_FILE = "result.json"
@@ -68,10 +68,28 @@ def summarize(values: Iterable[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), std, len(values)
 
 
-def _cell(values: list[float], digits: int, signed: bool = False) -> str:
+def t_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The ``confidence`` t-interval of the mean of ``values`` (at least two): mean ± t * std / sqrt(n)."""
+    from scipy.stats import t
+
+    mean, std, n = summarize(values)
+    if n < 2:
+        raise ValueError("a t-interval needs at least two values")
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def _cell(values: list[float], digits: int, signed: bool = False, interval: bool = False) -> str:
+    """``mean ± std`` (just the mean for one value); with ``interval``, the 95% t-interval after it."""
     mean, std, n = summarize(values)
     sign = "+" if signed else ""
-    return f"{mean:{sign}.{digits}f}" if n == 1 else f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
+    if n == 1:
+        return f"{mean:{sign}.{digits}f}"
+    text = f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
+    if interval:
+        low, high = t_interval(values)
+        text += f" [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+    return text
 
 
 def paired_differences(results: Iterable[Mapping], method: str, key: str, reference: str = "baseline") -> list[float]:
@@ -91,7 +109,8 @@ def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Ma
     """A markdown table: one row per method (in ``methods`` order), mean ± std over its seeds.
 
     When ``reference`` has results, two more columns give each method's top-1 minus the
-    reference's of the same seed (:func:`paired_differences`), mean ± std over the shared seeds.
+    reference's of the same seed (:func:`paired_differences`): mean ± sample std over the shared
+    seeds and, from two seeds on, the 95% t-interval of the mean difference in brackets.
 
     Args:
         results: run results with at least ``method``, ``seed`` and the :data:`COLUMNS` keys.
@@ -114,7 +133,8 @@ def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Ma
         cells = [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS[:2]]
         for key, _ in deltas:
             differences = paired_differences(results, method, key, reference)
-            cells.append("" if method == reference or not differences else _cell(differences, 2, signed=True))
+            cells.append("" if method == reference or not differences
+                         else _cell(differences, 2, signed=True, interval=True))
         cells += [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS[2:]]
         lines.append(f"| {titles.get(method, method)} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -122,10 +142,11 @@ def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Ma
 
 def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, str], teacher: str = "teacher",
                  reference: str = "baseline", floor: str = "random") -> str:
-    """One sentence a newcomer reads first: is the teacher better, and did ``student`` beat the baseline?
+    """One sentence a newcomer reads first: is the teacher better, did ``student`` beat the baseline,
+    and where does every trained row stand against the same network with random weights?
 
-    kNN top-1 (means over seeds), and the student's paired differences against the baseline.
-    Rows that have no result are left out of the sentence.
+    kNN and linear top-1 (means over seeds), the student's paired differences against the
+    baseline (with their 95% t-interval from two seeds on). Rows without results are left out.
     """
     results = list(results)
 
@@ -133,8 +154,11 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
         values = [r[key] for r in results if r["method"] == method]
         return summarize(values)[0] if values else None
 
+    def seeds(count: int) -> str:
+        return f"{count} seed{'s' if count > 1 else ''}"
+
     parts = []
-    teacher_knn, baseline_knn, floor_knn = mean(teacher), mean(reference), mean(floor)
+    teacher_knn, baseline_knn = mean(teacher), mean(reference)
     if teacher_knn is not None and baseline_knn is not None:
         verdict = "better" if teacher_knn > baseline_knn else "WORSE"
         parts.append(f"the {titles.get(teacher, teacher)} is {verdict} than the baseline student "
@@ -142,15 +166,26 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
     knn = paired_differences(results, student, "knn_top1", reference)
     linear = paired_differences(results, student, "linear_top1", reference)
     if knn and student != reference:
-        seeds = len(knn)
-        gain = summarize(knn)[0]
-        linear_gain = summarize(linear)[0]
+        gain, linear_gain = summarize(knn)[0], summarize(linear)[0]
         verdict = {(True, True): "beats it on both probes", (True, False): "beats it on kNN only",
                    (False, True): "beats it on the linear probe only",
                    (False, False): "does not beat it"}[(gain > 0, linear_gain > 0)]
-        parts.append(f"{titles.get(student, student)} {verdict}: {gain:+.2f} kNN, "
-                     f"{linear_gain:+.2f} linear top-1 against the baseline of the same seed "
-                     f"({seeds} seed{'s' if seeds > 1 else ''})")
+        shown = [f"{gain:+.2f} kNN", f"{linear_gain:+.2f} linear top-1"]
+        if len(knn) > 1:
+            shown = [f"{text} (95% CI {low:+.2f} to {high:+.2f})"
+                     for text, (low, high) in zip(shown, (t_interval(knn), t_interval(linear)))]
+        parts.append(f"{titles.get(student, student)} {verdict}: {', '.join(shown)} against the baseline of the "
+                     f"same seed ({seeds(len(knn))})")
+    floor_knn, floor_linear = mean(floor), mean(floor, "linear_top1")
     if floor_knn is not None:
-        parts.append(f"random weights, the floor: kNN {floor_knn:.2f}")
+        rows = []
+        for method in dict.fromkeys([teacher, reference, student]):
+            if mean(method) is None:
+                continue
+            knn_gap, linear_gap = mean(method) - floor_knn, mean(method, "linear_top1") - floor_linear
+            place = {(True, True): "above them on both probes", (True, False): "above on kNN only",
+                     (False, True): "above on the linear probe only",
+                     (False, False): "BELOW them on both probes"}[(knn_gap > 0, linear_gap > 0)]
+            rows.append(f"{titles.get(method, method)} {place} ({knn_gap:+.2f} kNN, {linear_gap:+.2f} linear)")
+        parts.append(f"against random weights (kNN {floor_knn:.2f}, linear {floor_linear:.2f}): " + ", ".join(rows))
     return ("In short: " + "; ".join(parts) + ".") if parts else "In short: no finished run to compare."
