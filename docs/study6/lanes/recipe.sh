@@ -20,6 +20,10 @@ declare -A RUNS=(
   [t0.1]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 20 --moco-t 0.1"
   [small16]="--image-size 16 --stem small | -b 64 --lr 0.0075 --moco-k 1024 --epochs 10"
   [small16_lr0.03]="--image-size 16 --stem small | -b 64 --lr 0.03 --moco-k 1024 --epochs 10"
+  # Zero-initialised residual branches and a short queue: what got the MoCo-v2 ResNet-50 out of its
+  # collapse in study 5. The random floor stays torchvision's default initialisation (the stronger one).
+  [zi]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 20 --zero-init-residual"
+  [zi_lr0.03_k512]="--image-size 32 --stem imagenet | -b 64 --lr 0.03 --moco-k 512 --epochs 20 --zero-init-residual"
 )
 NAMES=("$@"); [ ${#NAMES[@]} -gt 0 ] || NAMES=(lr0.0075 lr0.03 lr0.06 lr0.12 b32_lr0.03)
 finished_probe() { grep -q '"epoch": 99' "$1/metrics.jsonl" 2>/dev/null; }
