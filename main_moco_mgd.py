@@ -113,6 +113,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--max-images", type=int,
                      help="train on a random subset of this many images (0: all); for demos and quick checks")
     run.add_argument("--val-holdout", type=float, help=VAL_HOLDOUT_HELP)
+    run.add_argument("--crop-min", type=float,
+                     help="the smallest random crop, as a fraction of the image's area (MoCo v2: 0.2; MoCo v3's flag)")
     run.add_argument("--knn-freq", type=int,
                      help="every N epochs, kNN top-1 of the student on the labelled train/val split (val/ "
                           "for image folders, the test set for fashion-mnist); 0: off. The teacher is "

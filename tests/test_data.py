@@ -268,3 +268,19 @@ def test_build_dataset_with_holdout_validates_on_held_out_training_images(tmp_pa
     subset = random_subset(train, 50, seed=0)
     assert {train.indices[i] for i in subset.indices} <= set(train.indices)
     assert data.evaluated_on(0.25).startswith("validation: 0.25 of the training images")
+
+
+def test_crop_min_sets_the_smallest_crop():
+    assert pretrain_transform(32).transforms[0].scale == (0.2, 1.0)            # MoCo v2's
+    assert pretrain_transform(32, crop_min=0.5).transforms[0].scale == (0.5, 1.0)
+    assert pretrain_transform(32, aug_plus=False, crop_min=0.6).transforms[0].scale == (0.6, 1.0)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
+def test_crop_min_out_of_range_is_refused(tmp_path, capsys, value):
+    import main_moco_mgd
+
+    with pytest.raises(SystemExit):
+        main_moco_mgd.main([str(tmp_path), "--crop-min", value, "--output-dir", str(tmp_path / "out")])
+    assert f"--crop-min {float(value)}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

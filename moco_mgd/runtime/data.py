@@ -64,7 +64,7 @@ def blur_sigma(image_size: int) -> tuple[float, float]:
     return 0.1 * image_size / 224, 2.0 * image_size / 224
 
 
-def pretrain_transform(image_size: int = 224, aug_plus: bool = True) -> Callable:
+def pretrain_transform(image_size: int = 224, aug_plus: bool = True, crop_min: float = 0.2) -> Callable:
     """MoCo's training augmentation of one view, as in the official ``main_moco.py``.
 
     At 224 px it is exactly MoCo's; at other sizes the blur scales with the crop
@@ -73,11 +73,13 @@ def pretrain_transform(image_size: int = 224, aug_plus: bool = True) -> Callable
     Args:
         image_size: side of the square crop.
         aug_plus: MoCo v2's augmentation (colour jitter with p=0.8, blur); otherwise MoCo v1's.
+        crop_min: the smallest crop, as a fraction of the image's area (MoCo v2: 0.2; MoCo v3's
+            ``--crop-min``).
 
     Returns:
         A callable mapping a PIL image to a normalised ``FloatTensor[3, image_size, image_size]``.
     """
-    crop = transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0))
+    crop = transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.0))
     if aug_plus:
         augmentation = [
             crop,

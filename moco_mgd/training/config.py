@@ -81,6 +81,7 @@ class PretrainConfig:
     max_skipped_images: int = 100
     max_images: int = 0
     val_holdout: float = 0.0
+    crop_min: float = 0.2
     knn_freq: int = 0
     knn_k: int = 200
     knn_t: float = 0.1
@@ -134,7 +135,7 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         ("--keep-checkpoints", c.keep_checkpoints, NON_NEGATIVE[0], ">= 0 (0: all)"),
         ("--max-skipped-images", c.max_skipped_images, *NON_NEGATIVE),
         ("--knn-freq", c.knn_freq, NON_NEGATIVE[0], ">= 0 (0: off)"), ("--knn-k", c.knn_k, *AT_LEAST_1),
-        ("--knn-t", c.knn_t, *POSITIVE),
+        ("--knn-t", c.knn_t, *POSITIVE), ("--crop-min", c.crop_min, lambda v: 0 < v <= 1, "> 0 and <= 1"),
     ])
     if local_world_size > config.batch_size:
         raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "

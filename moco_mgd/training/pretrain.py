@@ -106,7 +106,8 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
 
     # Each image's augmentations are seeded by (seed, epoch, index): an epoch resumed part-way
     # goes on with the batches it would have had, whatever -j.
-    train_set = SeededSamples(train_images(TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus))),
+    train_set = SeededSamples(train_images(TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus,
+                                                                               config.crop_min))),
                               seed)
     sampler = ResumableSampler(train_set, batch, env.world_size, env.rank, seed)
     train_loader = _loader(train_set, batch, env, config.workers, seed, sampler)
