@@ -24,6 +24,10 @@ declare -A RUNS=(
   # collapse in study 5. The random floor stays torchvision's default initialisation (the stronger one).
   [zi]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 20 --zero-init-residual"
   [zi_lr0.03_k512]="--image-size 32 --stem imagenet | -b 64 --lr 0.03 --moco-k 512 --epochs 20 --zero-init-residual"
+  # Larger smallest crops: at 0.2 a crop of a 28 px garment is a patch of texture, not a shape.
+  [crop0.5]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 20 --crop-min 0.5"
+  [crop0.5_zi]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 20 --crop-min 0.5 --zero-init-residual"
+  [small16_crop0.5]="--image-size 16 --stem small | -b 64 --lr 0.0075 --moco-k 1024 --epochs 10 --crop-min 0.5"
 )
 NAMES=("$@"); [ ${#NAMES[@]} -gt 0 ] || NAMES=(lr0.0075 lr0.03 lr0.06 lr0.12 b32_lr0.03)
 finished_probe() { grep -q '"epoch": 99' "$1/metrics.jsonl" 2>/dev/null; }
