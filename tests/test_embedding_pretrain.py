@@ -1,13 +1,18 @@
 """main_moco_mgd.py with the embedding losses (CCKD, DisCo, SEED), alone and with MGD, end to end."""
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import main_moco_mgd
 from tests.helpers import free_port
-from tests.test_pretrain import _args, _assert_same_state, _fails, _load
+from tests.test_pretrain import REPO, _args, _assert_same_state, _fails, _load
 
 # The conftest teacher is a ResNet-50 with a MoCo-v2 head of 128 outputs: DisCo and SEED need
 # the student's embedding to match it. SEED's queue holds two global batches of 8.
@@ -55,6 +60,42 @@ def test_embedding_loss_without_mgd(data_dir, teacher_path, tmp_path):
     assert state["mgd"] is None and state["embedding"] == {}           # CCKD holds no state
     metrics = (tmp_path / "metrics.jsonl").read_text()
     assert '"cckd"' in metrics and '"kind": "matching"' not in metrics and '"mgd"' not in metrics
+
+
+def _processes_running(fragment: str) -> list[str]:
+    """The command lines of the live processes that name ``fragment`` (zombies have none)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:   # ended while we looked
+            continue
+        if fragment in text:
+            found.append(text)
+    return found
+
+
+def test_a_run_without_mgd_ends_with_its_loader_worker(data_dir, teacher_path, tmp_path):
+    """Issue 26's hang: a teacher, MGD off, an embedding loss and a loader worker. The finished run
+    stayed alive forever, waiting for a worker that ignored multiprocessing's SIGTERM (7 of 7 runs)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "main_moco_mgd.py",
+           *_args(data_dir, out, teacher_path, epochs=1, extra=["--no-mgd", "--cckd-weight", "1e-9", "-j", "1",
+                                                                "-p", "1000"])]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("the run did not exit in 120 s: " + (out / "log.txt").read_text()[-1000:])
+    ended = time.time()
+    assert process.returncode == 0, err[-3000:]
+    log = out / "log.txt"
+    assert "figures: " in log.read_text().splitlines()[-1]
+    assert ended - log.stat().st_mtime < 5.0   # the last log line, then the exit: no 5 s join of a stuck worker
+    assert _processes_running(str(out)) == []
 
 
 def test_two_processes_with_every_loss(data_dir, teacher_path, tmp_path):

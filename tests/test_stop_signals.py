@@ -1,6 +1,7 @@
 """The pieces of a mid-epoch stop: signals and the ranks' agreement, the resumable sampler, the
 seeded augmentations and the checkpoint names. The runs stopped for real are in test_pretrain.py
-(one and two processes) and test_slurm.py (ten preemptions)."""
+(one and two processes) and test_slurm.py (ten preemptions); what the signals do to the loader
+workers is in test_loader_workers.py."""
 import os
 import random
 import signal
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from moco_mgd.runtime import checkpoint as ckpt
 from moco_mgd.runtime.data import ResumableSampler, SeededSamples
-from moco_mgd.runtime.stopping import StopRequest, exit_code, ignore_stop_signals
+from moco_mgd.runtime.stopping import StopRequest, exit_code
 from moco_mgd.training.config import PretrainConfig, check_resume
 from tests.helpers import run_distributed
 
@@ -60,20 +61,6 @@ def test_every_rank_stops_at_the_iteration_where_any_rank_saw_the_signal(tmp_pat
     expected = repr([[], [], [int(signal.SIGUSR2)], [int(signal.SIGUSR2)]])
     assert (tmp_path / "rank0").read_text() == expected
     assert (tmp_path / "rank1").read_text() == expected
-
-
-class _Dispositions(Dataset):
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, index):
-        return torch.tensor([signal.getsignal(s) is signal.SIG_IGN
-                             for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)])
-
-
-def test_loader_workers_leave_the_stop_signals_to_the_training_process():
-    loader = DataLoader(_Dispositions(), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)
-    assert all(bool(batch.all()) for batch in loader)
 
 
 # --- the sampler and the augmentations -------------------------------------------------

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from moco_mgd.runtime import distributed
-from moco_mgd.runtime.stopping import ignore_stop_signals
+from moco_mgd.runtime.loader_workers import ignore_stop_signals, shut_down_workers
 
 __all__ = ["IndexedDataset", "extract_features"]
 
@@ -62,14 +62,16 @@ def extract_features(
                         num_workers=workers, worker_init_fn=ignore_stop_signals,
                         pin_memory=device.type == "cuda")
     indices, feats, labels = [], [], []
+    batches = iter(loader)
     try:
-        for index, images, label in loader:
+        for index, images, label in batches:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(images.to(device, non_blocking=True))
             feats.append(out.float().flatten(1))
             indices.append(index.to(device))
             labels.append(torch.as_tensor(label).to(device))
     finally:
+        shut_down_workers(batches)   # on an error too: a traceback keeps the iterator alive
         model.train(was_training)
     local_feats = torch.cat(feats)  # n_local x D
     all_feats = distributed.all_gather_cat(local_feats).cpu()

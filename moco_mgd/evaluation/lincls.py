@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from moco_mgd.evaluation.features import extract_features
 from moco_mgd.evaluation.knn import knn_features_accuracy
 from moco_mgd.runtime.flag_checks import NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
+from moco_mgd.runtime.loader_workers import shut_down_workers
 from moco_mgd.runtime.logs import MetricsLog, setup_logging
 
 __all__ = ["LinclsConfig", "check_config", "linear_eval", "build_linear_model", "check_frozen_weights",
@@ -266,6 +268,11 @@ def resume_path(config: LinclsConfig) -> str:
 
 def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
     """The run of one process (all launch modes end here): train ``fc``, validate, checkpoint."""
+    with ExitStack() as at_end:   # the loader's persistent workers end with the run, however it ends
+        _linear_eval(config, env, at_end)
+
+
+def _linear_eval(config: LinclsConfig, env: DistEnv, at_end: ExitStack) -> None:
     output_dir = Path(config.output_dir)
     setup_logging(output_dir, env.rank)
     if config.seed is not None:
@@ -329,6 +336,7 @@ def linear_eval(config: LinclsConfig, env: DistEnv) -> None:
     else:
         train_loader = DataLoader(train_set, batch, sampler=sampler, num_workers=workers,
                                   pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        at_end.callback(shut_down_workers, train_loader)
     # Only fc has gradients; the frozen BN buffers never change, so there are none to broadcast.
     ddp_net = net if env.world_size == 1 else DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

@@ -9,6 +9,8 @@ iteration, saves (rank 0 writes), and the run ends there.
 A second Ctrl-C more than a second after the first quits at once, without saving. (torchrun
 forwards the terminal's SIGINT to processes that already got it, so a repeat within a second
 is the same press.)
+
+What the signals do to the DataLoader workers is in :mod:`moco_mgd.runtime.loader_workers`.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch.distributed as dist
 
 from moco_mgd.runtime import distributed
 
-__all__ = ["STOP_SIGNALS", "StopRequest", "exit_code", "ignore_stop_signals", "signal_names"]
+__all__ = ["STOP_SIGNALS", "StopRequest", "exit_code", "signal_names"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -89,14 +91,3 @@ class StopRequest:
         """One per training process; collective (the gloo group) when there is a process group."""
         return cls(distributed.new_host_group())
 
-
-def ignore_stop_signals(worker_id: int | None = None) -> None:
-    """``worker_init_fn`` of the DataLoaders: the stop signals are the training process's business.
-
-    Why: SLURM signals every process of a step and Ctrl-C reaches the whole process group; a
-    loader worker that died of it (or ran submitit's requeue handler, inherited through fork)
-    would leave the training process without the batches it needs to reach the stop iteration.
-    A worker still ends with its training process (DataLoader's watchdog).
-    """
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)

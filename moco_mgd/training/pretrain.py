@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from moco_mgd.runtime.data import (ResumableSampler, SeededSamples, TwoCropsTran
                                    pretrain_transform, random_subset)
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.logs import MetricsLog, furthest_logged, setup_logging
-from moco_mgd.runtime.stopping import StopRequest, ignore_stop_signals, signal_names
+from moco_mgd.runtime.loader_workers import ignore_stop_signals, shut_down_workers
+from moco_mgd.runtime.stopping import StopRequest, signal_names
 from moco_mgd.training.config import PretrainConfig, build_moco, check_resume
 from moco_mgd.training.distillation import Distillation, PretrainModel, own_random_stream
 from moco_mgd.training.engine import EpochProgress, NonFiniteLossError, RunStopped, diagnostics_text, train_one_epoch
@@ -57,11 +59,13 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> frozenset[int]:
     """
     output_dir = Path(config.output_dir)
     setup_logging(output_dir, env.rank)
-    with StopRequest.for_run() as stop:
-        return _pretrain(config, env, output_dir, stop)
+    # The loaders' workers end before the stop handlers go: however the run ends (see loader_workers).
+    with StopRequest.for_run() as stop, ExitStack() as at_end:
+        return _pretrain(config, env, output_dir, stop, at_end)
 
 
-def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: StopRequest) -> frozenset[int]:
+def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: StopRequest,
+              at_end: ExitStack) -> frozenset[int]:
     seed = config.seed if config.seed is not None else 0
     if config.seed is not None:
         random.seed(config.seed)
@@ -111,6 +115,7 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
                               seed)
     sampler = ResumableSampler(train_set, batch, env.world_size, env.rank, seed)
     train_loader = _loader(train_set, batch, env, config.workers, seed, sampler)
+    at_end.callback(shut_down_workers, train_loader)
     if resume:
         logger.info(f"resumed from {resume} at epoch {start_epoch}" + _resume_text(
             output_dir, start_epoch, progress, sampler.batches_per_epoch()))
@@ -118,6 +123,7 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
     if mgd is not None:
         match_set = random_subset(train_images(eval_transform(config.image_size)), config.mgd_samples, seed)
         match_loader = _loader(match_set, batch, env, config.workers, seed)
+        at_end.callback(shut_down_workers, match_loader)
     knn_sets = None
     if config.knn_freq:
         knn_sets = (train_images(eval_transform(config.image_size)),
