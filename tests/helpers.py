@@ -1,11 +1,15 @@
-"""Small builders shared by the tests: checkpoints on disk and a real process group."""
+"""Small builders shared by the tests: checkpoints on disk, a real process group, mounts."""
 from __future__ import annotations
 
 import gzip
 import os
 import struct
+import subprocess
+from contextlib import contextmanager
+from typing import NoReturn
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -117,3 +121,31 @@ def write_fashion_mnist(root, prefix="train", n=5, gz=True, seed=0, structured=F
     write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}"), 2051, images, gz)
     write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}"), 2049, labels, gz)
     return images, labels
+
+
+def cannot_run_here(reason: str) -> NoReturn:
+    """Skip a test that this machine cannot run, saying why; under CI (``CI`` set) fail instead:
+    CI must run every test, and a skip there would hide that it no longer does."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set, so this test must run, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@contextmanager
+def tmpfs_mounted(directory, options: str):
+    """A tmpfs mounted with ``options`` (``size=2m``, ``ro``, ...) on ``directory`` for the block.
+
+    Root can do it, in CI too; elsewhere the test is skipped (see :func:`cannot_run_here`).
+    """
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                                capture_output=True, text=True, timeout=30)
+        reason = result.stderr.strip() or f"exit code {result.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        result, reason = None, str(exc)
+    if result is None or result.returncode != 0:
+        cannot_run_here(f"mounting a tmpfs is not allowed here: {reason}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True, timeout=30)

@@ -10,6 +10,7 @@ import pickle
 import re
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from torchvision.models.resnet import Bottleneck
 from moco_mgd.models.resnet import build_resnet, load_frozen_backbone
 from moco_mgd.runtime.checkpoint import with_module_prefix
 from moco_mgd.export import detectron2_name, head_path, main
-from tests.helpers import moco_v2_checkpoint, randomize_bn
+from tests.helpers import moco_v2_checkpoint, randomize_bn, tmpfs_mounted
 
 CLOSE = dict(atol=1e-6, rtol=1e-5)
 NUM_CLASSES = 10
@@ -260,11 +261,15 @@ def test_bad_input(sources, tmp_path, capsys):
     assert not list(tmp_path.glob("*out.pth*"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
 def test_read_only_directory(sources, tmp_path, capsys):
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    assert "cannot be written" in _fails(capsys, sources["lincls"], "--to", "timm", "-o", locked / "out.pth")
+    locked.mkdir(mode=0o555)                       # enough for a user
+    with ExitStack() as mounted:
+        if os.geteuid() == 0:                      # root writes through the mode, not to a read-only mount
+            mounted.enter_context(tmpfs_mounted(locked, "ro"))
+        err = _fails(capsys, sources["lincls"], "--to", "timm", "-o", locked / "out.pth")
+        assert "cannot be written" in err and str(locked) in err, err
+        assert list(locked.iterdir()) == []
 
 
 def test_existing_output_needs_force(sources, tmp_path, capsys):
