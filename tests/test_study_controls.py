@@ -108,3 +108,21 @@ def test_the_random_teachers_are_random_and_bn_recalibration_sees_the_images(stu
     expected = torch.stack([b.mean(dim=(0, 2, 3)) for b, _ in batches]).mean(0)
     torch.testing.assert_close(bn_only[0].running_mean, expected)
     assert bn_only[0].momentum == 0.1 and torch.equal(bn_only[0].weight, torch.ones(3))
+
+
+def test_teacher_ladder_rows_are_the_paired_gains_of_each_teachers_students(study, tmp_path, capsys):
+    from teacher_ladder import main as ladder
+
+    base, control, _ = study
+    ladder(["--baseline-dir", str(base), str(control), "--output", str(tmp_path / "ladder")])
+    table = (tmp_path / "ladder.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| random-bn")
+    cells = table[2].split(" | ")
+    teacher = _result(control / "teacher")
+    assert cells[1:3] == [f"{teacher['knn_top1']:.2f}", f"{teacher['linear_top1']:.2f}"]
+    gains = [_result(control / f"seed{s}" / "mgd-amp")["linear_top1"] - _result(base / f"seed{s}" / "baseline")["linear_top1"]
+             for s in (0, 1)]
+    assert cells[4].startswith(f"{sum(gains) / 2:+.2f} ± ") and cells[5] == "2 |"
+    assert (tmp_path / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="did not finish"):
+        ladder(["--baseline-dir", str(base), str(tmp_path), "--output", str(tmp_path / "x")])
