@@ -12,6 +12,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as pip vendors it
+    from pip._vendor import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["moco-mgd-pretrain", "moco-mgd-lincls", "moco-mgd-knn", "moco-mgd-export", "moco-mgd-plots",
@@ -39,7 +45,11 @@ def test_the_wheel_holds_every_module_of_the_package(installed):
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [line.split(": ", 1)[1] for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
                 if line.startswith("Requires-Dist: ")]
-    assert "torch==2.14.1" in requires and "torchvision==0.29.2" in requires and len(requires) >= 8
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    # Every dependency of pyproject.toml, with its pin or bound, and nothing else.
+    assert sorted(map(str, map(Requirement, requires))) == sorted(map(str, map(Requirement, declared)))
+    pins = [r for r in map(Requirement, declared) if r.name in ("torch", "torchvision")]
+    assert len(pins) == 2 and all(str(r.specifier).startswith("==") for r in pins), pins  # a pair, pinned
 
 
 def _installed_only(target: Path) -> dict:
