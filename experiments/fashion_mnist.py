@@ -99,6 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "64; 8x that, as MoCo's CIFAR demo, made ResNet-18 worse with training here)")
     parser.add_argument("--moco-k", type=int, default=4096)
     parser.add_argument("--moco-t", type=float, default=0.2, help="MoCo-v2's temperature")
+    parser.add_argument("--crop-min", type=float, default=0.2,
+                        help="the smallest random crop of pretraining, as a fraction of the image (MoCo v2: 0.2)")
     parser.add_argument("--moco-m", type=float, default=0.99,
                         help="0.99, not MoCo's 0.999: a few hundred steps would leave the key encoder half at init")
     parser.add_argument("--shuffle-bn-splits", type=int, default=8,
@@ -268,7 +270,7 @@ def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path
     # and a study's dozens of runs would otherwise keep every epoch's (130 MB each for a ResNet-18).
     pretrain = [args.python, "main_moco_mgd.py", *common, "-a", arch, "--epochs", str(epochs),
                 "-b", str(args.batch_size), "--lr", str(args.lr), "--moco-k", str(args.moco_k), "--moco-t",
-                str(args.moco_t), "--moco-m", str(args.moco_m), "--mlp",
+                str(args.moco_t), "--moco-m", str(args.moco_m), "--crop-min", str(args.crop_min), "--mlp",
                 "--aug-plus", "--cos", "--max-images", str(args.images), "-p", str(args.print_freq),
                 "--shuffle-bn-splits", str(args.shuffle_bn_splits),
                 "--knn-freq", str(args.knn_freq or epochs), "--knn-k", str(args.knn_k), "--knn-t", str(args.knn_t),
@@ -504,7 +506,7 @@ def run_settings(args: argparse.Namespace, kind: str, teacher_epochs: int) -> st
                 f"{args.epochs} pretraining epochs ({kind} teacher {teacher_epochs}"
                 f"{f', lr {args.teacher_lr:g}' if args.teacher_kind == 'supervised' else ''}), "
                 f"-b {args.batch_size} --lr {args.lr:g}, "
-                f"--moco-t {args.moco_t} --moco-m {args.moco_m} --shuffle-bn-splits {args.shuffle_bn_splits}, MGD matching "
+                f"--moco-t {args.moco_t} --moco-m {args.moco_m} --crop-min {args.crop_min:g} --shuffle-bn-splits {args.shuffle_bn_splits}, MGD matching "
                 f"{args.mgd_schedule} on "
                 f"{args.mgd_samples} images, MGD loss factor {args.mgd_loss_factor:g}, "
                 f"stage weights {' '.join(f'{w:g}' for w in args.mgd_stage_weights)}, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "

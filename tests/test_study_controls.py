@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "experiments"))   # the experiment scripts import 
 
 from random_teacher import recalibrate_bn  # noqa: E402
 TINY = ["-b", "16", "--moco-k", "64", "--mgd-samples", "32", "--lincls-epochs", "2", "-j", "0", "--knn-k", "5",
-        "--epochs", "1", "--images", "64", "--seeds", "0", "1"]
+        "--epochs", "1", "--images", "64", "--seeds", "0", "1", "--crop-min", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,9 @@ def test_runs_are_scored_on_the_held_out_images_and_say_so(study, fashion_dir):
         log = (run / "lincls" / "log.txt").read_text()
         assert f"cached val features ({held_out}, " in log, log[-2000:]
         assert "--val-holdout 0.25" in (run / "lincls" / "stdout.txt").read_text().splitlines()[0]
+    for run in (base / "seed0" / "baseline", control / "seed1" / "mgd-amp"):   # pretraining: the recipe's flags
+        command = (run / "stdout.txt").read_text().splitlines()[0]
+        assert "--val-holdout 0.25" in command and "--crop-min 0.5" in command
 
 
 def test_the_paired_table_uses_the_other_directorys_baseline_with_intervals(study):
