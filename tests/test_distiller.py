@@ -90,7 +90,52 @@ def test_collect_respects_max_images_and_restores_train_mode():
     assert distiller.update_matching()[0].num_images == 6
 
 
-@pytest.mark.parametrize("reducer", ["amp", "max", "avg", "sm"])
+def _reduced_by_hand(t, members, method, pick=None):
+    """One student channel's target before the margin: its matched teacher channels ``members``
+    (ascending) reduced at every image and position (section 3.3 of the paper)."""
+    stacked = t[:, members]                                     # B x alpha x H x W
+    if method == "sm":
+        assert len(members) == 1
+        return stacked[:, 0]
+    if method == "max":
+        return stacked.max(1).values
+    if method == "avg":
+        return stacked.sum(1) / len(members)
+    if method == "amp":                                         # largest magnitude, sign kept; +v on a tie with -v
+        largest = stacked.abs().max(1).values
+        return torch.where((stacked == largest.unsqueeze(1)).any(1), largest, -largest)
+    if method == "rd":                                          # the member drawn for each image and position
+        return stacked.gather(1, pick.unsqueeze(1)).squeeze(1)
+    raise AssertionError(method)
+
+
+def _mgd_loss_by_hand(s_feats, t_feats, assignments, margins, bns, stage_weights, batch, loss_factor, method,
+                      generator=None):
+    """Eq. 3-5 of the paper written out channel by channel: BN (batch statistics), the teacher
+    reduced onto each student channel, the mean margin of its group, the partial L2."""
+    per_stage = []
+    for s, t, assignment, margin, bn, weight in zip(s_feats, t_feats, assignments, margins, bns, stage_weights):
+        b, cs, h, w = s.shape
+        alpha = t.shape[1] // cs
+        # Random drop draws one member per (image, channel, position), in this order, from the generator.
+        picks = torch.randint(alpha, (b, cs, 1, h, w), generator=generator)[:, :, 0] if method == "rd" else None
+        groups = [[] for _ in range(cs)]                        # each student channel's teacher channels, ascending
+        for j, c in enumerate(assignment.tolist()):
+            if c >= 0:
+                groups[c].append(j)
+        total = torch.zeros((), dtype=torch.float64)
+        for c, members in enumerate(groups):
+            x = s[:, c].double()
+            x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + bn.eps) * bn.weight[c].double() + bn.bias[c].double()
+            reduced = _reduced_by_hand(t.double(), members, method, picks[:, c] if picks is not None else None)
+            target = torch.clamp(reduced, min=sum(margin[members].tolist()) / len(members))
+            nothing_to_correct = (x <= target) & (target <= 0)
+            total = total + torch.where(nothing_to_correct, 0.0, (target - x) ** 2).sum()
+        per_stage.append(weight * total / (batch * loss_factor))
+    return torch.stack(per_stage)
+
+
+@pytest.mark.parametrize("reducer", ["amp", "max", "avg", "sm", "rd"])
 def test_loss_is_the_weighted_partial_l2_of_the_reduced_teacher(reducer):
     distiller, teacher, student = _matched(reducer=reducer, loss_factor=100.0)
     x = _images(4, seed=5)
@@ -98,20 +143,16 @@ def test_loss_is_the_weighted_partial_l2_of_the_reduced_teacher(reducer):
     s_feats = _stages(student, x)
     with torch.no_grad():
         t_feats = _stages(teacher, x)
-    loss, per_stage = distiller(s_feats, t_feats)
-    expected = []
-    for i, (s, t) in enumerate(zip(s_feats, t_feats)):
-        groups = mgd.assignment_groups(distiller.assignments()[i], s.shape[1])
-        target = mgd.reduce(t, distiller.assignments()[i], s.shape[1], reducer)
-        margin = mgd.reduce_margin(distiller.margins()[i], groups)
-        bn = distiller.student_bns[i]
-        # The BN in train mode normalises with batch statistics: recompute them by hand.
-        normalised = (s - s.mean((0, 2, 3), keepdim=True)) / torch.sqrt(s.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
-        normalised = normalised * bn.weight.reshape(1, -1, 1, 1) + bn.bias.reshape(1, -1, 1, 1)
-        expected.append(distiller.stage_weights[i] * mgd.partial_l2(normalised, target, margin) / (4 * 100.0))
-    torch.testing.assert_close(per_stage, torch.stack(expected).detach(), rtol=1e-4, atol=1e-6)
+    loss, per_stage = distiller(s_feats, t_feats, generator=torch.Generator().manual_seed(11))
+    expected = _mgd_loss_by_hand([f.detach() for f in s_feats], t_feats, distiller.assignments(), distiller.margins(),
+                                 distiller.student_bns, distiller.stage_weights, 4, 100.0, reducer,
+                                 torch.Generator().manual_seed(11))
+    torch.testing.assert_close(per_stage.double(), expected, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(loss.detach(), per_stage.sum())
     assert distiller.stage_weights == [1 / 8, 1 / 4, 1 / 2, 1.0]
+    if reducer == "rd":   # the draw matters: another seed, another target
+        _, other = distiller(s_feats, t_feats, generator=torch.Generator().manual_seed(12))
+        assert (other - per_stage).abs().max() > 1e-3 * per_stage.abs().max()
 
 
 def test_gradients_reach_the_student_and_its_bns_never_the_teacher():

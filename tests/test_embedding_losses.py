@@ -78,7 +78,7 @@ def test_disco_is_the_squared_distance_of_normalised_embeddings():
 
 
 def _seed_reference(s, t, queue, student_t, teacher_t):
-    """SEED Eq. 2-4, image by image."""
+    """SEED Eq. 2-4, image by image (a 0-d tensor, differentiable in ``s``)."""
     total = 0.0
     for i in range(s.shape[0]):
         si, ti = _unit(s[i]), _unit(t[i])
@@ -87,7 +87,7 @@ def _seed_reference(s, t, queue, student_t, teacher_t):
         teacher_logits = torch.stack([ti @ d for d in bank]) / teacher_t
         p_t = torch.softmax(teacher_logits.double(), 0)
         log_p_s = torch.log_softmax(student_logits.double(), 0)
-        total += float(-(p_t * log_p_s).sum())
+        total = total - (p_t * log_p_s).sum()
     return total / s.shape[0]
 
 
@@ -97,7 +97,7 @@ def test_seed_is_the_soft_cross_entropy_over_the_queue(teacher_t):
     s, t = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
     queue = nn.functional.normalize(torch.randn(6, 10, generator=g), dim=0)
     loss = similarity_distribution_loss(s, t, queue, student_t=0.2, teacher_t=teacher_t)
-    assert math.isclose(float(loss), _seed_reference(s, t, queue, 0.2, teacher_t), rel_tol=1e-5)
+    assert math.isclose(float(loss), float(_seed_reference(s, t, queue, 0.2, teacher_t)), rel_tol=1e-5)
 
 
 def test_seed_is_at_its_minimum_when_the_student_sees_the_queue_as_the_teacher_does():
@@ -129,13 +129,25 @@ def test_gradients_reach_the_student_only(loss_fn):
 
 
 def test_seed_reads_a_copy_of_the_queue_so_enqueueing_before_backward_is_safe():
-    queue = TeacherEmbeddingQueue(dim=4, size=6)
-    s = torch.randn(2, 4, requires_grad=True)
-    t = torch.randn(2, 4)
-    loss = similarity_distribution_loss(s, t, queue.queue)
-    queue.enqueue(t)           # in place, as every training step does before backward
+    torch.manual_seed(9)       # the queue's random start
+    g = torch.Generator().manual_seed(9)
+    queue = TeacherEmbeddingQueue(dim=4, size=2)
+    before = queue.queue.clone()
+    s = torch.randn(2, 4, generator=g, requires_grad=True)
+    t = torch.randn(2, 4, generator=g)
+    loss = similarity_distribution_loss(s, t, queue.queue, student_t=0.2, teacher_t=0.5)
+    queue.enqueue(t)           # in place, as every training step does before backward: the whole queue is new
     loss.backward()
-    assert s.grad is not None
+    # The value and the gradient are those of the queue as it was when the loss was computed.
+    reference_s = s.detach().clone().requires_grad_(True)
+    reference = _seed_reference(reference_s, t, before, 0.2, 0.5)
+    reference.backward()
+    assert math.isclose(loss.item(), reference.item(), rel_tol=1e-5)
+    assert_close(s.grad, reference_s.grad.float(), rtol=1e-4, atol=1e-6)
+    # ... and not those of the queue after the enqueue (the test can tell the two apart).
+    after_s = s.detach().clone().requires_grad_(True)
+    _seed_reference(after_s, t, queue.queue, 0.2, 0.5).backward()
+    assert (after_s.grad.float() - s.grad).abs().max() > 1e-2
 
 
 def test_teacher_queue_enqueues_normalised_embeddings_and_wraps_around():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from moco_mgd.runtime.logs import read_metrics
 from tests.helpers import write_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,18 @@ def _table_rows(text):
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
 
 
+def _table_cells(text):
+    """Each row of the results table as {column title: cell} (the first column is ``method``)."""
+    header = next(line for line in text.splitlines() if line.startswith("| method")).strip("| ").split(" | ")
+    return [dict(zip(header, [cell.strip() for cell in row[2:-2].split(" | ")])) for row in _table_rows(text)]
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
 def test_demo_trains_three_networks_and_prints_the_table(demo):
     out, stdout = demo
     for run in ("teacher", "seed0/baseline", "seed0/mgd-amp"):
@@ -77,22 +90,66 @@ def test_demo_trains_three_networks_and_prints_the_table(demo):
     assert [row.split(" | ")[0] for row in rows] == ["| teacher (supervised resnet50)",
                                                    "| baseline (MoCo-v2 resnet18)", "| MGD-AMP",
                                                    "| random init resnet18"]
-    header = next(line for line in table.splitlines() if line.startswith("| method")).strip("| ").split(" | ")
-    for row in rows:
-        cells = dict(zip(header, row.strip("| ").split(" | ")))
+    # Each row shows its run's result.json, and the paired deltas are the differences of two of them.
+    run_of_row = {"teacher (supervised resnet50)": "teacher", "baseline (MoCo-v2 resnet18)": "seed0/baseline",
+                  "MGD-AMP": "seed0/mgd-amp", "random init resnet18": "seed0/random"}
+    baseline = json.loads((out / "seed0/baseline/result.json").read_text())
+    for cells in _table_cells(table):
         assert cells["seeds"] == "0"                        # one seed
-        knn_top1, linear_top1, pretrain_s = (float(cells[c]) for c in ("kNN top-1", "linear top-1", "pretrain s"))
-        assert 0.0 <= knn_top1 <= 100.0 and 0.0 <= linear_top1 <= 100.0 and math.isfinite(pretrain_s)
-        if not cells["method"].startswith("baseline"):      # paired with the baseline of the same seed
-            assert math.isfinite(float(cells["Δ kNN vs baseline"]))
+        result = json.loads((out / run_of_row[cells["method"]] / "result.json").read_text())
+        assert float(cells["kNN top-1"]) == pytest.approx(result["knn_top1"], abs=0.005)
+        assert float(cells["linear top-1"]) == pytest.approx(result["linear_top1"], abs=0.005)
+        assert float(cells["pretrain s"]) == pytest.approx(result["pretrain_seconds"], abs=0.5)
+        if cells["method"].startswith("baseline"):
+            assert cells["Δ kNN vs baseline"] == cells["Δ linear vs baseline"] == ""
+            continue
+        for key, column in (("knn_top1", "Δ kNN vs baseline"), ("linear_top1", "Δ linear vs baseline")):
+            assert float(cells[column]) == pytest.approx(result[key] - baseline[key], abs=0.005), (cells, column)
     results = json.loads((out / "results.json").read_text())["results"]
     assert {r["method"] for r in results} == {"teacher", "baseline", "mgd-amp", "random"}
 
 
-def test_demo_writes_the_figures(demo):
+def test_demo_writes_the_figures(demo, tmp_path, monkeypatch):
+    """The demo's figures hold the runs' numbers: drawn again here from the same logs, as the
+    experiment draws them, each has the panels and lines those logs call for, with their values,
+    and the demo's PNGs have the pixel size of these (a panel more or less changes it)."""
+    from moco_mgd.runtime import plots
+    from moco_mgd.runtime.logs import read_metrics
+
     out, _ = demo
+    mgd, baseline = out / "seed0/mgd-amp", out / "seed0/baseline"
+    drawn, save = {}, plots._save
+
+    def keep(figure, path):
+        drawn[Path(path).name] = figure
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.write_run_figures(mgd, tmp_path, label="MGD-AMP", compare={"baseline": baseline})
     for name in ("matching_cost.png", "assignment_stability.png", "training_curves.png"):
-        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert _png_size(out / "figures" / name) == _png_size(tmp_path / name), name
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    records = {run: read_metrics(run) for run in (mgd, baseline)}
+    last = lambda run, kind: [r for r in records[run] if r["kind"] == kind][-1]
+
+    (cost_axes,) = drawn["matching_cost.png"].axes                     # one line per stage: its matching costs
+    assert [line.get_label() for line in cost_axes.lines] == stages
+    matchings = [r for r in records[mgd] if r["kind"] == "matching"]
+    for line, stage in zip(cost_axes.lines, stages):
+        assert list(line.get_ydata()) == pytest.approx([r["cost"][stage] for r in matchings])
+    assert len(drawn["assignment_stability.png"].axes) == 2 * len(stages)   # a grid and its changes per stage
+
+    infonce, mgd_axes, knn = drawn["training_curves.png"].axes          # no embedding loss: three panels
+    assert [line.get_label() for line in infonce.lines] == ["MGD-AMP", "baseline"]
+    for line, run in zip(infonce.lines, (mgd, baseline)):
+        assert list(line.get_ydata()) == pytest.approx([last(run, "epoch")["infonce"]])
+    assert [line.get_label() for line in mgd_axes.lines] == [f"MGD-AMP {stage}" for stage in stages]
+    for line, stage in zip(mgd_axes.lines, stages):
+        assert list(line.get_ydata()) == pytest.approx([last(mgd, "epoch")[f"mgd_{stage}"]])
+    assert [line.get_label() for line in knn.lines] == ["MGD-AMP", "baseline", "teacher"]
+    for line, run in zip(knn.lines, (mgd, baseline)):
+        assert list(line.get_ydata()) == pytest.approx([last(run, "knn")["top1"]])
+    assert set(knn.lines[2].get_ydata()) == {last(mgd, "knn_teacher")["top1"]}   # the teacher's, dashed
 
 
 def test_experiment_resumes_and_adds_a_seed(demo, fashion_dir):
@@ -160,9 +217,15 @@ def test_embedding_losses_alone_and_with_mgd(moco_teacher, fashion_dir, tmp_path
     rows = {row.split(" | ")[0]: row for row in _table_rows((tmp_path / "results.md").read_text())}
     assert {"| SEED", "| MGD-AMP + CCKD", "| MGD-AMP + DisCo"} <= rows.keys()
     assert "DisCo weight 4.0 (both views)" in (tmp_path / "results.md").read_text()
-    for run in ("seed", "mgd-amp+cckd", "mgd-amp+disco"):
+    cells = {row["method"]: row for row in _table_cells((tmp_path / "results.md").read_text())}
+    for run, title in (("seed", "SEED"), ("mgd-amp+cckd", "MGD-AMP + CCKD"), ("mgd-amp+disco", "MGD-AMP + DisCo")):
+        # A run's result is its last kNN record and its last linear epoch, and the table shows them.
         result = json.loads((tmp_path / "seed0" / run / "result.json").read_text())
-        assert 0.0 <= result["knn_top1"] <= 100.0 and 0.0 <= result["linear_top1"] <= 100.0
+        knn = [r for r in read_metrics(tmp_path / "seed0" / run) if r["kind"] == "knn"][-1]
+        linear = [r for r in read_metrics(tmp_path / "seed0" / run / "lincls") if r["kind"] == "epoch"][-1]
+        assert (result["knn_top1"], result["knn_epoch"], result["linear_top1"]) == (knn["top1"], 1, linear["top1"])
+        assert float(cells[title]["kNN top-1"]) == pytest.approx(knn["top1"], abs=0.005)
+        assert float(cells[title]["linear top-1"]) == pytest.approx(linear["top1"], abs=0.005)
 
 
 def test_students_of_a_moco_checkpoint_trained_elsewhere(moco_teacher, fashion_dir, tmp_path, capsys):

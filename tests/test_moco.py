@@ -383,9 +383,20 @@ def test_diagnostics_of_a_real_forward_match_the_cosines():
 
     model = _moco(mlp=True)
     model.train()
+    queue = model.queue.clone()                   # the negatives of this forward (it enqueues its keys)
     out = model(_images(4, 1), _images(4, 2))
-    q = nn.functional.normalize(out.query.detach(), dim=1)
-    d = contrastive_diagnostics(out, model.T)
-    torch.testing.assert_close(d["pos_sim"], (q * out.key).sum(1).mean())
+    assert not torch.equal(model.queue, queue)
+    n = 4
+    q = [v / v.norm() for v in out.query.detach()]
+    k = list(out.key)
+    cos = lambda a, b: float(a @ b)
+    d = {name: float(value) for name, value in contrastive_diagnostics(out, model.T).items()}
+    assert d["pos_sim"] == pytest.approx(sum(cos(q[i], k[i]) for i in range(n)) / n, abs=1e-5)
+    assert d["neg_sim"] == pytest.approx(sum(cos(q[i], queue[:, j]) for i in range(n) for j in range(K)) / (n * K),
+                                         abs=1e-5)
+    assert d["query_cos"] == pytest.approx(
+        sum(cos(q[i], q[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1)), abs=1e-5)
+    own_nearest = [max(range(n), key=lambda j: cos(q[i], k[j])) == i for i in range(n)]
+    assert d["inst_acc"] == pytest.approx(100 * sum(own_nearest) / n)
     assert out.key.shape == (4, DIM) and not out.key.requires_grad
     torch.testing.assert_close(out.key.norm(dim=1), torch.ones(4))
