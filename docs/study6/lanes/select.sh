@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Study 6, part 4: the MGD loss factor chosen on the held-out images (--val-holdout 0.1), never the
+# test set: MGD-AMP from the supervised ResNet-50 at factors 1e1, 3e1 and 1e2, seed 0, paired with the
+# baseline of the same seed, with the recipe of part 1. Resumable (a finished run is not redone).
+#   bash docs/study6/lanes/select.sh OUT        (from the repository root)
+set -euo pipefail
+OUT=${1:?output directory}
+PY=${PYTHON:-.venv/bin/python}
+RECIPE=(--images 2048 --image-size 32 --epochs "${EPOCHS:-20}" -b 64 --lr 0.0075 --moco-k 1024 --crop-min 0.5
+        --knn-freq 4 --mgd-schedule authors --mgd-samples 2048 -j 2 --val-holdout 0.1 --seeds 0)
+$PY experiments/fashion_mnist.py --output-dir "$OUT/base" "${RECIPE[@]}" --methods baseline
+$PY experiments/fashion_mnist.py --output-dir "$OUT/sup_lf30" "${RECIPE[@]}" --methods mgd-amp \
+    --teacher-kind supervised --teacher-epochs 6 --mgd-loss-factor 30 --baseline-from "$OUT/base"
+for factor in 10 100; do
+  $PY experiments/fashion_mnist.py --output-dir "$OUT/sup_lf$factor" "${RECIPE[@]}" --methods mgd-amp \
+      --teacher-from "$OUT/sup_lf30" --mgd-loss-factor $factor --baseline-from "$OUT/base"
+done
