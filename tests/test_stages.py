@@ -72,3 +72,14 @@ def test_stage_channels_and_bns():
 def test_a_model_that_is_not_a_resnet_is_refused():
     with pytest.raises(TypeError, match="torchvision ResNets"):
         forward_with_stages(nn.Sequential(nn.Conv2d(3, 8, 3)), torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "small"])
+def test_stage_map_sizes_are_those_of_a_real_forward(stem):
+    from moco_mgd.models.stages import stage_map_sizes
+
+    model = build_resnet("resnet18", stem=stem).eval()
+    for size in (3, 7, 8, 9, 16, 17, 28, 32, 33):
+        with torch.no_grad():
+            _, stages = forward_with_stages(model, torch.randn(1, 3, size, size))
+        assert [f.shape[-1] for f in stages] == list(stage_map_sizes(size, stem).values()), size

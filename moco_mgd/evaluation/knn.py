@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from moco_mgd.runtime import distributed
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, load_frozen_backbone, resnet_trunk
+from moco_mgd.models.stages import check_image_size
 from moco_mgd.runtime.data import (DATASETS, VAL_HOLDOUT_HELP, build_dataset, check_same_classes, eval_transform,
                                    random_subset)
 from moco_mgd.evaluation.features import extract_features
@@ -270,6 +271,7 @@ def check_config(config: KnnConfig, world_size: int, local_world_size: int) -> N
                    ("-k", config.k, *AT_LEAST_1), ("--temperature", config.temperature, *POSITIVE),
                    ("-b/--batch-size", config.batch_size, *AT_LEAST_1), ("-j/--workers", config.workers, *NON_NEGATIVE),
                    ("--image-size", config.image_size, *AT_LEAST_1), ("--seed", config.seed, *SEED)])
+    check_image_size(config.image_size, config.stem)
     if config.backend == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ValueError("faiss is not installed: install faiss-cpu or faiss-gpu, or pass --backend torch")
     _network(config)

@@ -28,6 +28,7 @@ from torchvision import transforms
 
 from moco_mgd.runtime import distributed
 from moco_mgd.models.resnet import build_resnet, load_checkpoint_file, load_pretrained_backbone, resnet_trunk
+from moco_mgd.models.stages import check_image_size
 from moco_mgd.runtime.checkpoint import check_writable, save_checkpoint, with_module_prefix
 from moco_mgd.runtime.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform,
                            random_subset)
@@ -240,6 +241,7 @@ def check_config(config: LinclsConfig, world_size: int, local_world_size: int) -
     """Refuse a run that cannot work, before anything starts. Raises with the fix in the message."""
     c = config
     check_numbers(training_rules(c) + [("--knn-k", c.knn_k, *NON_NEGATIVE), ("--knn-t", c.knn_t, *POSITIVE)])
+    check_image_size(c.image_size, c.stem)
     if local_world_size > config.batch_size:
         raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
                          f"of a node: each process needs at least one image")

@@ -105,7 +105,11 @@ def resnet_trunk(model: nn.Module) -> nn.Module:
 
 
 def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Mapping:
-    """``torch.load(path, weights_only=True)`` with errors that say what went wrong."""
+    """``torch.load(path, weights_only=True)`` with errors that say what went wrong.
+
+    Every file the runs load passes here (teacher, ``--pretrained``, ``--resume``, export), so a
+    tensor holding NaN or inf is refused here, named with the file, before anything is built on it.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist (or is not a file)")
@@ -118,7 +122,24 @@ def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> M
         ) from exc
     if not isinstance(obj, Mapping):
         raise ValueError(f"{what} {path!r} holds a {type(obj).__name__}, not a state dict")
+    for name, tensor in _tensors(obj):
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{what} {path!r}: tensor {name} holds {bad} NaN or inf value(s) of {tensor.numel()}: "
+                             f"the run that saved it diverged, or the file is damaged; use an earlier checkpoint")
     return obj
+
+
+def _tensors(obj, name: str = ""):
+    """Every tensor in a loaded checkpoint, with its path of keys (``state_dict/module.encoder_q.conv1.weight``)."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{name}/{key}" if name else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _tensors(value, f"{name}[{index}]")
 
 
 def backbone_state_dict(checkpoint: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:

@@ -9,12 +9,15 @@ ordinary forward is untouched.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-__all__ = ["STAGES", "last_blocks", "stage_channels", "pre_relu_bns", "forward_with_stages"]
+__all__ = ["STAGES", "last_blocks", "stage_channels", "pre_relu_bns", "forward_with_stages", "stage_map_sizes",
+           "smallest_image_size", "check_image_size", "degenerate_image_size"]
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -78,3 +81,52 @@ def forward_with_stages(model: nn.Module, images: torch.Tensor) -> tuple[torch.T
         stages.append(before_relu)
         x = F.relu(before_relu)
     return model.fc(torch.flatten(model.avgpool(x), 1)), stages
+
+
+def stage_map_sizes(image_size: int, stem: str = "imagenet") -> dict[str, int]:
+    """The side of each stage's feature map for ``image_size`` px inputs.
+
+    Each stride-2 layer (the ImageNet stem's 7x7 conv and max-pool, the first block of layer2,
+    layer3 and layer4) maps a side n to ceil(n / 2); the small stem keeps the size.
+    """
+    side = image_size if stem == "small" else math.ceil(math.ceil(image_size / 2) / 2)
+    sizes = {}
+    for name in STAGES:
+        if name != "layer1":
+            side = math.ceil(side / 2)
+        sizes[name] = side
+    return sizes
+
+
+def _maps_text(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{name} {side}x{side}" for name, side in sizes.items())
+
+
+def smallest_image_size(stem: str = "imagenet", stage: str = "layer2") -> int:
+    """The smallest input at which ``stage``'s map is still larger than 1x1."""
+    return next(size for size in range(1, 1024) if stage_map_sizes(size, stem)[stage] > 1)
+
+
+def check_image_size(image_size: int, stem: str = "imagenet") -> None:
+    """Refuse an input so small that every stage from layer2 on is a single pixel.
+
+    Raises:
+        ValueError: with the stage map sizes and the smallest size that works.
+    """
+    sizes = stage_map_sizes(image_size, stem)
+    if sizes["layer2"] > 1:
+        return
+    other = "" if stem == "small" else f", or --stem small (from {smallest_image_size('small')} px)"
+    raise ValueError(f"--image-size {image_size} is too small for the {stem} stem: every stage from layer2 on "
+                     f"would be 1x1 ({_maps_text(sizes)}), so their stride-2 layers and MGD's channel "
+                     f"matching see one position; use --image-size {smallest_image_size(stem)} or more{other}")
+
+
+def degenerate_image_size(image_size: int, stem: str = "imagenet") -> str | None:
+    """A warning when layer3 is already 1x1 (legal, but layer4 then has nothing to downsample); else None."""
+    sizes = stage_map_sizes(image_size, stem)
+    if sizes["layer3"] > 1:
+        return None
+    return (f"--image-size {image_size} with the {stem} stem leaves layer3 and layer4 at 1x1 ({_maps_text(sizes)}): "
+            f"the last stages see a single position; {smallest_image_size(stem, 'layer3')} px or more keeps layer3 "
+            f"larger" + ("" if stem == "small" else ", as does --stem small"))

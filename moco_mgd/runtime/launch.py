@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import signal
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,8 +21,8 @@ import torch.multiprocessing as mp
 from moco_mgd.runtime import stopping
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
 
-__all__ = ["DistEnv", "RENDEZVOUS_PORTS", "free_local_port", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "init_process_group",
-           "add_launch_arguments", "config_defaults", "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
+__all__ = ["DistEnv", "RENDEZVOUS_PORTS", "free_local_port", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "check_dist_url",
+           "init_process_group", "add_launch_arguments", "config_defaults", "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -99,6 +100,31 @@ def _device_for(local_rank: int, gpu: int | None) -> torch.device:
     index = gpu if gpu is not None else local_rank
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def check_dist_url(url: str) -> None:
+    """Refuse a ``--dist-url`` that ``init_process_group`` cannot use, before any process starts (else each
+    spawned process fails inside torch, e.g. "port number missing")."""
+    forms = ("give tcp://HOST:PORT (HOST: the rank-0 node, e.g. tcp://127.0.0.1:23456), env:// (with MASTER_ADDR "
+             "and MASTER_PORT set) or file:///a/shared/path")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "tcp":
+        try:
+            port = parts.port
+        except ValueError:   # not a number, or out of range
+            port = -1
+        if not parts.hostname or port is None or not 1 <= port <= 65535:
+            raise ValueError(f"--dist-url {url!r} needs a host and a port from 1 to 65535: {forms}")
+    elif parts.scheme == "env":
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ValueError(f"--dist-url env:// reads the rendezvous from the environment, but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not set: set them, or {forms}")
+    elif parts.scheme == "file":
+        if not parts.path or not os.path.isdir(os.path.dirname(parts.path) or "/"):
+            raise ValueError(f"--dist-url {url!r}: the directory of {parts.path!r} does not exist: {forms}")
+    else:
+        raise ValueError(f"--dist-url {url!r} is not a rendezvous address torch can use: {forms}")
 
 
 def init_process_group(backend: str, init_method: str, world_size: int, rank: int,
@@ -256,6 +282,8 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, config_cla
             ("--gpu", args.gpu, *NON_NEGATIVE), ("--nproc-per-node", args.nproc_per_node, *AT_LEAST_1),
         ])
         world, local = process_counts(nodes, args.multiprocessing_distributed, args.nproc_per_node)
+        if world > 1 and not launched_by_torchrun():   # torchrun's group comes from its environment
+            check_dist_url(args.dist_url)
         check(config, world, local)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         parser.exit(2, f"{program}: error: {exc}\n")

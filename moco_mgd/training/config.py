@@ -16,6 +16,7 @@ from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS, MGDistiller
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import arch_stage_channels, head_dim, load_checkpoint_file, load_frozen_teacher
+from moco_mgd.models.stages import check_image_size
 from moco_mgd.runtime import checkpoint as ckpt
 from moco_mgd.runtime.data import build_dataset, check_same_classes
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
@@ -137,6 +138,7 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         ("--knn-freq", c.knn_freq, NON_NEGATIVE[0], ">= 0 (0: off)"), ("--knn-k", c.knn_k, *AT_LEAST_1),
         ("--knn-t", c.knn_t, *POSITIVE), ("--crop-min", c.crop_min, lambda v: 0 < v <= 1, "> 0 and <= 1"),
     ])
+    check_image_size(config.image_size, config.stem)
     if local_world_size > config.batch_size:
         raise ValueError(f"-b/--batch-size {config.batch_size} is smaller than the {local_world_size} processes "
                          f"of a node: each process needs at least one image")
@@ -182,6 +184,7 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
 def check_resume(checkpoint, config: PretrainConfig, path: str, world_size: int) -> None:
     """A checkpoint must come from a run of the same student (and teacher, with MGD on); one saved
     mid-epoch, from the same processes and batch (the rest of the epoch is their shards)."""
+    _check_is_pretraining(checkpoint, path)
     saved = checkpoint.get("config") or {}
     differences = []
     if checkpoint.get("iteration") is not None:
@@ -214,3 +217,20 @@ def check_resume(checkpoint, config: PretrainConfig, path: str, world_size: int)
             differences.append(f"seed_queue {saved['seed_queue']!r} vs {config.seed_queue!r}")
     if differences:
         raise ValueError(f"cannot resume from {path}: " + "; ".join(differences))
+
+
+def _check_is_pretraining(checkpoint, path: str) -> None:
+    """A MoCo pretraining checkpoint (``module.encoder_q.*``), not a linear evaluation's or a bare network's."""
+    state = checkpoint.get("state_dict")
+    keys = sorted(state) if isinstance(state, dict) else sorted(checkpoint)
+    if isinstance(state, dict) and any(k.startswith("module.encoder_q.") for k in keys):
+        return
+    expected = ("--resume takes a checkpoint_NNNN.pth.tar that main_moco_mgd.py wrote (or leave it out to go on "
+                "from the newest in --output-dir)")
+    if "best_acc1" in checkpoint:
+        raise ValueError(f"--resume {path!r} is a linear-evaluation checkpoint (main_lincls.py: a frozen backbone and "
+                         f"its trained fc, best top-1 {float(checkpoint['best_acc1']):.2f}), not a pretraining one. "
+                         f"{expected}; to go on with that linear evaluation, pass it to main_lincls.py --resume")
+    raise ValueError(f"--resume {path!r} is not a pretraining checkpoint: it holds no MoCo query encoder "
+                     f"(module.encoder_q.*; found {keys[:5]}{' ...' if len(keys) > 5 else ''}). {expected}; a "
+                     f"teacher goes to --teacher-checkpoint, weights to evaluate to main_lincls.py --pretrained")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from moco_mgd.evaluation.knn import knn_evaluate
 from moco_mgd.losses.embedding import EMBEDDING_LOSSES
 from moco_mgd.models.resnet import load_checkpoint_file, resnet_trunk
+from moco_mgd.models.stages import degenerate_image_size
 from moco_mgd.runtime import checkpoint as ckpt
 from moco_mgd.runtime import precision
 from moco_mgd.runtime import distributed
@@ -137,6 +138,8 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
         logger.info(f"kNN ({kind}, k={config.knn_k}, T={config.knn_t}) after {epoch} epoch(s): "
                     + " ".join(f"{name} {value:.2f}" for name, value in result.items()))
         metrics.log(kind, epoch=epoch, **result)
+    if small := degenerate_image_size(config.image_size, config.stem):
+        logger.warning(small)
     logger.info(f"pretraining {config.arch} on {len(train_set)} images, {env.world_size} process(es) x {batch} "
                 f"images on {device}; {distillation.describe(config.teacher_arch)}; autocast {autocast_dtype}; output in {output_dir}")
 
