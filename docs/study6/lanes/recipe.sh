@@ -29,6 +29,9 @@ declare -A RUNS=(
   [crop0.5_zi]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 20 --crop-min 0.5 --zero-init-residual"
   [small16_crop0.5]="--image-size 16 --stem small | -b 64 --lr 0.0075 --moco-k 1024 --epochs 10 --crop-min 0.5"
   [crop0.8]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 20 --crop-min 0.8"
+  [crop1.0]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 20 --crop-min 1.0"
+  [crop0.8_40ep]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 40 --crop-min 0.8"
+  [crop0.8_lr0.015]="--image-size 32 --stem imagenet | -b 64 --lr 0.015 --moco-k 1024 --epochs 20 --crop-min 0.8"
   [crop0.5_40ep]="--image-size 32 --stem imagenet | -b 64 --lr 0.0075 --moco-k 1024 --epochs 40 --crop-min 0.5"
   [crop0.5_lr0.015]="--image-size 32 --stem imagenet | -b 64 --lr 0.015 --moco-k 1024 --epochs 20 --crop-min 0.5"
 )
