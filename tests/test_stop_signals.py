@@ -124,7 +124,8 @@ def test_mid_epoch_checkpoints_sort_inside_their_epoch_and_go_once_superseded(tm
 
 def test_a_mid_epoch_checkpoint_resumes_only_with_the_same_processes_and_batch():
     config = PretrainConfig(arch="resnet18", batch_size=8)
-    state = {"arch": "resnet18", "epoch": 3, "iteration": 5, "world_size": 2, "config": config.to_dict()}
+    state = {"arch": "resnet18", "epoch": 3, "iteration": 5, "world_size": 2, "config": config.to_dict(),
+             "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}}   # a pretraining checkpoint's
     check_resume(state, config, "c.pth.tar", world_size=2)
     with pytest.raises(ValueError, match=r"processes 2 \(now 1\).*checkpoint_0002.pth.tar"):
         check_resume(state, config, "c.pth.tar", world_size=1)
