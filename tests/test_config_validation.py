@@ -60,6 +60,7 @@ PRETRAIN_BAD = [
     (["--world-size", "2", "--rank", "2"], "--rank 2: must be -1 or in [0, 2) (--world-size 2)"),
     (["--gpu", "-1"], "--gpu -1: must be >= 0"),
     (["--nproc-per-node", "0"], "--nproc-per-node 0: must be >= 1"),
+    (["--dist-timeout", "0"], "--dist-timeout 0.0: must be positive"),
 ]
 
 LINCLS_BAD = [

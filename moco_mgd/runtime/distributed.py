@@ -5,6 +5,10 @@ helpers, so the same code runs in one CPU process, under ``torchrun`` and under 
 """
 from __future__ import annotations
 
+import os
+import socket
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -19,6 +23,7 @@ __all__ = [
     "all_gather_with_grad",
     "barrier",
     "new_host_group",
+    "process_places",
 ]
 
 
@@ -122,7 +127,7 @@ def barrier() -> None:
 
 
 
-def new_host_group():
+def new_host_group(timeout_s: float | None = None):
     """A gloo group over all ranks for small CPU messages: the default group when it is gloo already.
 
     Why: a flag all-reduced over NCCL has to be read back from the GPU, which waits for every
@@ -133,4 +138,19 @@ def new_host_group():
         return None
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
-    return dist.new_group(backend="gloo")
+    # Its own timeout: a new group does not inherit the default group's (torch gives gloo 30 min).
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s) if timeout_s else None)
+
+
+def process_places() -> list[str]:
+    """``host:pid`` of every rank, in rank order (this process's alone without a process group).
+
+    Collective. Logged at the start of a run, so that a rank named in an error (or a pid in the
+    kernel's OOM report) can be told apart from the others.
+    """
+    place = f"{socket.gethostname()}:{os.getpid()}"
+    if not is_distributed():
+        return [place]
+    places = [None] * dist.get_world_size()
+    dist.all_gather_object(places, place)
+    return places

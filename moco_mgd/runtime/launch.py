@@ -13,18 +13,24 @@ import signal
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_mgd.runtime import stopping
-from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, check_numbers
+from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_numbers
 
-__all__ = ["DistEnv", "RENDEZVOUS_PORTS", "free_local_port", "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "check_dist_url",
-           "init_process_group", "add_launch_arguments", "config_defaults", "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
+__all__ = ["DistEnv", "DEFAULT_DIST_TIMEOUT_S", "RankDied", "RENDEZVOUS_PORTS", "free_local_port", "launched_by_torchrun",
+           "procs_per_node", "process_counts", "launch", "check_dist_url", "init_process_group", "add_launch_arguments", "config_defaults", "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
 
 logger = logging.getLogger("moco_mgd")
+
+
+# How long a collective waits for a rank that does not answer (hung, stopped, or on a dead node) before
+# the job fails: torch's NCCL default. Its gloo default, 30 minutes, held a GPU node that long.
+DEFAULT_DIST_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class DistEnv:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S   # of the process group and of any group made beside it
 
     @property
     def is_main(self) -> bool:
@@ -128,33 +135,35 @@ def check_dist_url(url: str) -> None:
 
 
 def init_process_group(backend: str, init_method: str, world_size: int, rank: int,
-                       device: torch.device) -> None:
+                       device: torch.device, timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> None:
     """Join the run's process group; gloo on CPU whatever ``backend`` says (NCCL needs GPUs)."""
     if device.type != "cuda" and backend == "nccl":
         backend = "gloo"
     kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank, **kwargs)
+    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
 def _spawned(local_rank: int, worker: Callable, config, nprocs: int, nodes: int, node_rank: int,
-             dist_url: str, dist_backend: str) -> None:
+             dist_url: str, dist_backend: str, timeout_s: float) -> None:
     rank = node_rank * nprocs + local_rank
     device = _device_for(local_rank, None)
-    init_process_group(dist_backend, dist_url, nodes * nprocs, rank, device)
+    init_process_group(dist_backend, dist_url, nodes * nprocs, rank, device, timeout_s)
     try:
-        stopped = worker(config, DistEnv(rank, nodes * nprocs, local_rank, nprocs, device))
+        stopped = worker(config, DistEnv(rank, nodes * nprocs, local_rank, nprocs, device, timeout_s))
     finally:
         dist.destroy_process_group()
     if stopped:  # saved on a signal: the parent learns it from the exit code
         raise SystemExit(stopping.exit_code(stopped))
 
 
-def _spawn(nprocs: int, args: tuple) -> frozenset[int]:
+def _spawn(nprocs: int, args: tuple, first_rank: int) -> frozenset[int]:
     """MoCo's ``mp.spawn``, with the stop signals in mind.
 
     A Ctrl-C reaches the children too (one process group): the parent waits while they save. A
     SIGTERM or USR2 sent to the parent alone is passed on to them. A child that saved on a
-    signal exits with 128 + its number: returned as that signal.
+    signal exits with 128 + its number: returned as that signal. A child that died otherwise
+    (killed, crashed) raises :class:`RankDied`, naming each rank that did not finish and how.
     """
     context = mp.start_processes(_spawned, args=args, nprocs=nprocs, join=False, start_method="spawn")
 
@@ -176,16 +185,41 @@ def _spawn(nprocs: int, args: tuple) -> frozenset[int]:
         signum = exc.exit_code - 128 if exc.exit_code > 128 else None
         if signum in stopping.STOP_SIGNALS:
             return frozenset({signal.Signals(signum)})
-        raise
+        raise RankDied(_ends_text(context, first_rank)) from None
+    except mp.ProcessRaisedException as exc:   # its traceback, then which ranks ended how
+        raise RankDied(f"{exc.msg.rstrip()}\n{_ends_text(context, first_rank)}") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return frozenset()
 
 
+class RankDied(RuntimeError):
+    """A process of the run ended on its own (killed, crashed); mp.spawn stopped the others."""
+
+
+def _ends_text(context, first_rank: int) -> str:
+    """How each process of this node that did not finish ended, a signal's victims first (the cause,
+    where one was killed: the others then fail in a collective, or are stopped by mp.spawn)."""
+    ends = []
+    for index, process in enumerate(context.processes):
+        code = process.exitcode
+        if not code:
+            continue
+        place = f"rank {first_rank + index} (pid {process.pid})"
+        if code == -signal.SIGTERM:
+            ends.append((1, f"{place} was stopped (SIGTERM, from mp.spawn or from outside)"))
+        elif code < 0:
+            ends.append((0, f"{place} was killed by {signal.Signals(-code).name}"))
+        else:
+            ends.append((2, f"{place} exited with code {code}"))
+    return ("; ".join(text for _, text in sorted(ends)) + ". Run the same command again to go on from the newest "
+            "complete checkpoint in the output directory")
+
+
 def launch(worker: Callable, config, *, dist_url: str, dist_backend: str, world_size: int, rank: int,
            multiprocessing_distributed: bool, nproc_per_node: int | None = None,
-           gpu: int | None = None) -> frozenset[int]:
+           gpu: int | None = None, dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> frozenset[int]:
     """Run ``worker(config, env)`` in the processes the flags ask for.
 
     Returns the stop signals the run saved and stopped on (``worker`` returns them; empty when it
@@ -201,20 +235,23 @@ def launch(worker: Callable, config, *, dist_url: str, dist_backend: str, world_
     if launched_by_torchrun():
         local_rank = int(os.environ["LOCAL_RANK"])
         device = _device_for(local_rank, None)
-        init_process_group(dist_backend, "env://", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), device)
+        init_process_group(dist_backend, "env://", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), device,
+                           dist_timeout_s)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         try:
-            stopped = worker(config, DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device))
+            stopped = worker(config, DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device,
+                                             dist_timeout_s))
         finally:
             dist.destroy_process_group()
     elif multiprocessing_distributed:
         nprocs = procs_per_node(nproc_per_node)
-        stopped = _spawn(nprocs, (worker, config, nprocs, world_size, rank, dist_url, dist_backend))
+        stopped = _spawn(nprocs, (worker, config, nprocs, world_size, rank, dist_url, dist_backend, dist_timeout_s),
+                         first_rank=rank * nprocs)
     elif world_size > 1:
         device = _device_for(0, gpu)
-        init_process_group(dist_backend, dist_url, world_size, rank, device)
+        init_process_group(dist_backend, dist_url, world_size, rank, device, dist_timeout_s)
         try:
-            stopped = worker(config, DistEnv(rank, world_size, 0, 1, device))
+            stopped = worker(config, DistEnv(rank, world_size, 0, 1, device, dist_timeout_s))
         finally:
             dist.destroy_process_group()
     else:
@@ -229,6 +266,9 @@ def add_launch_arguments(group) -> None:
     group.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
                        help="rendezvous address; env:// under torchrun")
     group.add_argument("--dist-backend", default="nccl", type=str, help="nccl on GPU (gloo is used on CPU)")
+    group.add_argument("--dist-timeout", default=DEFAULT_DIST_TIMEOUT_S, type=float, metavar="SECONDS",
+                       help="how long a collective waits for a rank that does not answer before the job fails "
+                            "(torch's gloo default is 30 min; a dead rank ends the job at once anyway)")
     group.add_argument("--gpu", default=None, type=int, help="GPU of a single-process run")
     group.add_argument("--multiprocessing-distributed", action="store_true",
                        help="one process per GPU of this node, as MoCo")
@@ -280,6 +320,7 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, config_cla
             ("--rank", args.rank, lambda v: -1 <= v < nodes,
              f"-1 or in [0, {nodes}) (--world-size {args.world_size})"),
             ("--gpu", args.gpu, *NON_NEGATIVE), ("--nproc-per-node", args.nproc_per_node, *AT_LEAST_1),
+            ("--dist-timeout", args.dist_timeout, *POSITIVE),
         ])
         world, local = process_counts(nodes, args.multiprocessing_distributed, args.nproc_per_node)
         if world > 1 and not launched_by_torchrun():   # torchrun's group comes from its environment
@@ -287,8 +328,11 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, config_cla
         check(config, world, local)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         parser.exit(2, f"{program}: error: {exc}\n")
-    stopped = launch(worker, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
-                     rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
-                     nproc_per_node=args.nproc_per_node, gpu=args.gpu)
+    try:
+        stopped = launch(worker, config, dist_url=args.dist_url, dist_backend=args.dist_backend, world_size=nodes,
+                         rank=node_rank, multiprocessing_distributed=args.multiprocessing_distributed,
+                         nproc_per_node=args.nproc_per_node, gpu=args.gpu, dist_timeout_s=args.dist_timeout)
+    except RankDied as exc:   # the rank's own traceback, if any, is above; this says which one and what next
+        raise SystemExit(f"{program}: error: {exc}") from None
     if stopped:  # saved on the signal; the exit code says the run is not finished
         raise SystemExit(stopping.exit_code(stopped))

@@ -87,7 +87,8 @@ class StopRequest:
         return frozenset(s for s, flag in zip(self.signals, flags.tolist()) if flag)
 
     @classmethod
-    def for_run(cls) -> "StopRequest":
-        """One per training process; collective (the gloo group) when there is a process group."""
-        return cls(distributed.new_host_group())
+    def for_run(cls, timeout_s: float | None = None) -> "StopRequest":
+        """One per training process; collective (the gloo group, ``timeout_s`` as the run's) when there is a
+        process group."""
+        return cls(distributed.new_host_group(timeout_s))
 

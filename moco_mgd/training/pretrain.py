@@ -61,7 +61,7 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> frozenset[int]:
     output_dir = Path(config.output_dir)
     setup_logging(output_dir, env.rank)
     # The loaders' workers end before the stop handlers go: however the run ends (see loader_workers).
-    with StopRequest.for_run() as stop, ExitStack() as at_end:
+    with StopRequest.for_run(env.dist_timeout_s) as stop, ExitStack() as at_end:
         return _pretrain(config, env, output_dir, stop, at_end)
 
 
@@ -143,6 +143,9 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
     logger.info(f"pretraining {config.arch} on {len(train_set)} images, {env.world_size} process(es) x {batch} "
                 f"images on {device}; {distillation.describe(config.teacher_arch)}; autocast {autocast_dtype}; output in {output_dir}")
 
+    if env.world_size > 1:
+        places = distributed.process_places()
+        logger.info("processes: " + ", ".join(f"rank {rank} {place}" for rank, place in enumerate(places)))
     if rng_to_restore is not None:
         ckpt.set_rng_state(rng_to_restore)
     if knn_sets is not None and distillation.teacher is not None and start_epoch == 0 and progress is None:
