@@ -24,15 +24,18 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS
 from moco_mgd.runtime import plots
 from moco_mgd.runtime.data import FASHION_MNIST_DIR, VAL_HOLDOUT_HELP, evaluated_on, find_fashion_mnist
 from moco_mgd.runtime.results import read_result, results_table, run_result, summary_line, write_result
 from supervised_teacher import TEACHER_FILE
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The teacher kinds, by how they are named in the table. All but moco are saved as a plain
 # torchvision state dict (TEACHER_FILE) with a classifier where MoCo-v2 has its embedding head.
@@ -77,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="output/fashion_mnist")
     parser.add_argument("--data", default="", help=f"directory of the IDX files (default {FASHION_MNIST_DIR}, "
-                                                     "installed from Debian's dataset-fashion-mnist if missing)")
+                                                     "Debian's dataset-fashion-mnist; the demo script installs it if missing)")
     parser.add_argument("--download", action="store_true",
                         help="if the data is missing and cannot be installed with apt, let torchvision download it "
                              "into OUTPUT/data (network access)")
@@ -179,12 +182,11 @@ def check_args(args: argparse.Namespace) -> None:
                              "--teacher-kind supervised")
         if not os.path.isfile(args.teacher_checkpoint):
             raise SystemExit(f"--teacher-checkpoint {args.teacher_checkpoint}: no such file")
-        args.teacher_checkpoint = os.path.abspath(args.teacher_checkpoint)
-        args.teacher_kind = "moco"
 
 
 def fashion_mnist_dir(args: argparse.Namespace) -> str:
-    """Where the IDX files are; installs Debian's package, or downloads with --download. Says which."""
+    """Where the IDX files are; downloads them with --download. Installing Debian's package is the
+    demo script's job (scripts/demo_fashion_mnist.sh), not this one's."""
     if args.data:
         try:
             return find_fashion_mnist(args.data)
@@ -194,21 +196,9 @@ def fashion_mnist_dir(args: argparse.Namespace) -> str:
         return find_fashion_mnist()
     except FileNotFoundError:
         pass
-    if shutil.which("apt-get"):
-        print(f"Fashion-MNIST is not in {FASHION_MNIST_DIR}: installing Debian's dataset-fashion-mnist (30 MB)",
-              flush=True)
-        sudo = [] if os.geteuid() == 0 else ["sudo"]
-        install = sudo + ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]
-        if subprocess.run(install).returncode != 0:
-            subprocess.run(sudo + ["apt-get", "update", "-q"])
-            subprocess.run(install)
-        try:
-            return find_fashion_mnist()
-        except FileNotFoundError:
-            pass
     if not args.download:
-        raise SystemExit(f"Fashion-MNIST is not in {FASHION_MNIST_DIR} and apt-get could not install it: "
-                         "install dataset-fashion-mnist, pass --data DIR with the IDX files, or allow a "
+        raise SystemExit(f"Fashion-MNIST is not in {FASHION_MNIST_DIR}: install Debian's dataset-fashion-mnist "
+                         "(apt-get install dataset-fashion-mnist), pass --data DIR with the IDX files, or allow a "
                          "download with --download")
     from torchvision.datasets import FashionMNIST
 
@@ -281,7 +271,8 @@ def pretrain_and_evaluate(args, data: str, method: str, seed: int, run_dir: Path
 
 
 def linear_evaluation(args, data: str, method: str, seed: int, run_dir: Path, arch: str, epochs: int,
-                      weights: Path | None, pretrain_seconds: float, knn_here: bool = False) -> dict:
+                      weights: Path | None, pretrain_seconds: float, knn_here: bool = False,
+                      teacher_kind: str = "moco") -> dict:
     """MoCo's linear protocol on ``weights`` (None: random), then the run's result.
 
     A pretraining run's kNN is already in its log; ``knn_here`` scores it on the linear
@@ -301,7 +292,7 @@ def linear_evaluation(args, data: str, method: str, seed: int, run_dir: Path, ar
                         pretrain_seconds=pretrain_seconds, eval_seconds=eval_seconds)
     result.update(val_holdout=args.val_holdout, evaluated_on=evaluated_on(args.val_holdout))
     if method == "teacher":
-        result["teacher_kind"] = args.teacher_kind
+        result["teacher_kind"] = teacher_kind
     write_result(run_dir, result)
     print(f"   kNN top-1 {result['knn_top1']:.2f}, linear top-1 {result['linear_top1']:.2f}, "
           f"{pretrain_seconds:.0f} s + {eval_seconds:.0f} s", flush=True)
@@ -317,19 +308,18 @@ def train_supervised_teacher(args, data: str, seed: int, run_dir: Path, epochs: 
                            "-b", str(args.batch_size), "--lr", str(args.teacher_lr), "-p", str(args.print_freq),
                            "--output-dir", str(run_dir)], run_dir / "stdout.txt")
     return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs, run_dir / TEACHER_FILE,
-                             seconds, knn_here=True)
+                             seconds, knn_here=True, teacher_kind="supervised")
 
 
-def make_random_teacher(args, data: str, seed: int, run_dir: Path) -> dict:
+def make_random_teacher(args, data: str, seed: int, run_dir: Path, kind: str) -> dict:
     """The negative control: a random-weight teacher (its BN re-estimated for random-bn), evaluated as the others."""
-    if (done := finished_before(run_dir, f"{args.teacher_kind} teacher")) is not None:
+    if (done := finished_before(run_dir, f"{kind} teacher")) is not None:
         return done
     command = [args.python, "experiments/random_teacher.py", *common_flags(args, data, seed), "-a", args.teacher_arch,
                "--max-images", str(args.images), "-b", str(args.batch_size), "--output-dir", str(run_dir)]
-    seconds = run_command(command + (["--recalibrate-bn"] if args.teacher_kind == "random-bn" else []),
-                          run_dir / "stdout.txt")
+    seconds = run_command(command + (["--recalibrate-bn"] if kind == "random-bn" else []), run_dir / "stdout.txt")
     return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, 0, run_dir / TEACHER_FILE,
-                             seconds, knn_here=True)
+                             seconds, knn_here=True, teacher_kind=kind)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -369,22 +359,15 @@ def check_adopted_teacher(teacher_dir: Path, trained: dict | None, path: str) ->
                          "differs); the students so far were distilled from the old file: use another --output-dir")
 
 
-def evaluate_adopted_teacher(args, data: str, seed: int, run_dir: Path, epochs: int) -> dict:
+def evaluate_adopted_teacher(args, data: str, seed: int, run_dir: Path, epochs: int, path: str) -> dict:
     """A MoCo-v2 teacher trained elsewhere, evaluated as a student is: kNN, then the linear protocol."""
-    if (done := finished_before(run_dir, f"teacher {args.teacher_checkpoint} ({epochs} epochs)")) is not None:
+    if (done := finished_before(run_dir, f"teacher {path} ({epochs} epochs)")) is not None:
         return done
     result = linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, epochs,
-                               Path(args.teacher_checkpoint), 0.0, knn_here=True)
-    result.update(teacher_checkpoint=args.teacher_checkpoint, teacher_sha256=file_sha256(args.teacher_checkpoint))
+                               Path(path), 0.0, knn_here=True)
+    result.update(teacher_checkpoint=path, teacher_sha256=file_sha256(path))
     write_result(run_dir, result)
     return result
-
-
-def teacher_weights(teacher_dir: Path, kind: str, epochs: int, adopted: str = "") -> Path:
-    """What the students' --teacher-checkpoint is."""
-    if adopted:
-        return Path(adopted)
-    return last_checkpoint(teacher_dir, epochs) if kind == "moco" else teacher_dir / TEACHER_FILE
 
 
 def evaluate_random_init(args, data: str, seed: int, run_dir: Path) -> dict:
@@ -395,80 +378,101 @@ def evaluate_random_init(args, data: str, seed: int, run_dir: Path) -> dict:
     return linear_evaluation(args, data, "random", seed, run_dir, args.student_arch, 0, None, 0.0, knn_here=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    check_args(args)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    data = "" if args.report_only else fashion_mnist_dir(args)
-    start = time.perf_counter()
-    teacher_dir = Path(args.teacher_from) / "teacher" if args.teacher_from else output / "teacher"
-    if args.teacher_from and read_result(teacher_dir) is None:
-        raise SystemExit(f"--teacher-from {args.teacher_from}: no finished teacher there ({teacher_dir / 'result.json'} "
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher of an output directory, as resolved from the flags and what is already on disk."""
+
+    directory: Path          # where its result.json is (another experiment's with --teacher-from)
+    kind: str                # a key of TEACHER_KINDS
+    epochs: int
+    adopted: str = ""        # --teacher-checkpoint: a file trained elsewhere, evaluated as the teacher row
+
+    @property
+    def weights(self) -> Path:
+        """What the students' --teacher-checkpoint is."""
+        if self.adopted:
+            return Path(self.adopted)
+        return last_checkpoint(self.directory, self.epochs) if self.kind == "moco" else self.directory / TEACHER_FILE
+
+
+def resolve_teacher(args: argparse.Namespace, output: Path) -> Teacher:
+    """The one teacher of ``output``: from --teacher-from, --teacher-checkpoint, the teacher already
+    recorded there, or the flags that train one. Refuses a mix of teachers in one directory."""
+    directory = Path(args.teacher_from) / "teacher" if args.teacher_from else output / "teacher"
+    recorded = read_result(directory)
+    if args.teacher_from and recorded is None:
+        raise SystemExit(f"--teacher-from {args.teacher_from}: no finished teacher there ({directory / 'result.json'} "
                          "is missing); run that experiment first, or drop --teacher-from")
-    teacher_epochs = read_result(teacher_dir)["epochs"] if args.teacher_from else args.teacher_epochs or args.epochs
-    trained = read_result(teacher_dir)
-    if trained is not None and trained.get("teacher_checkpoint") and not args.teacher_checkpoint:
-        args.teacher_checkpoint = trained["teacher_checkpoint"]  # more seeds of the teacher adopted before
-    if args.teacher_checkpoint:
-        check_adopted_teacher(teacher_dir, trained, args.teacher_checkpoint)
+    epochs = recorded["epochs"] if args.teacher_from else args.teacher_epochs or args.epochs
+    adopted = os.path.abspath(args.teacher_checkpoint) if args.teacher_checkpoint else \
+        (recorded or {}).get("teacher_checkpoint", "")   # more seeds of a teacher adopted before: no flag needed
+    if adopted:
+        check_adopted_teacher(directory, recorded, adopted)
         # Read from the checkpoint (a few hundred MB) only until its evaluation has recorded it.
-        teacher_epochs = trained["epochs"] if trained is not None else adopted_teacher_epochs(args.teacher_checkpoint)
-    if trained is not None:  # a teacher already trained is of the kind it was trained as
-        kind = trained.get("teacher_kind", "moco")
-        if args.teacher_kind not in (None, kind):
-            raise SystemExit(f"--teacher-kind {args.teacher_kind}: the teacher in {teacher_dir} is {kind}; drop the "
-                             "flag, or use another --output-dir")
-        args.teacher_kind = kind
-    args.teacher_kind = args.teacher_kind or "moco"
-    if args.teacher_kind != "moco" and any(m in EMBEDDING_METHODS or "+" in m for m in args.methods):
-        raise SystemExit(f"the embedding losses distil a MoCo-v2 head's embedding, and a {args.teacher_kind} teacher "
+        epochs = recorded["epochs"] if recorded is not None else adopted_teacher_epochs(adopted)
+    kind = args.teacher_kind
+    if recorded is not None:  # a teacher already trained is of the kind it was trained as
+        if kind not in (None, recorded.get("teacher_kind", "moco")):
+            raise SystemExit(f"--teacher-kind {kind}: the teacher in {directory} is "
+                             f"{recorded.get('teacher_kind', 'moco')}; drop the flag, or use another --output-dir")
+        kind = recorded.get("teacher_kind", "moco")
+    kind = "moco" if adopted else kind or "moco"
+    if kind != "moco" and any(m in EMBEDDING_METHODS or "+" in m for m in args.methods):
+        raise SystemExit(f"the embedding losses distil a MoCo-v2 head's embedding, and a {kind} teacher "
                          "has a classifier there: use --teacher-kind moco for cckd/disco/seed")
-    teacher_flags = ["--teacher-arch", args.teacher_arch,
-                     "--teacher-checkpoint",
-                     str(teacher_weights(teacher_dir, args.teacher_kind, teacher_epochs, args.teacher_checkpoint)),
+    return Teacher(directory, kind, epochs, adopted)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row's run of the plan: its directory (result.json marks it done) and what makes it."""
+
+    directory: Path
+    make: Callable[[], dict]
+
+
+def teacher_run(args: argparse.Namespace, data: str, teacher: Teacher) -> Run:
+    seed, directory = args.seeds[0], teacher.directory
+    if teacher.adopted:
+        make = partial(evaluate_adopted_teacher, args, data, seed, directory, teacher.epochs, teacher.adopted)
+    elif teacher.kind == "supervised":
+        make = partial(train_supervised_teacher, args, data, seed, directory, teacher.epochs)
+    elif teacher.kind in ("random", "random-bn"):
+        make = partial(make_random_teacher, args, data, seed, directory, teacher.kind)
+    else:
+        make = partial(pretrain_and_evaluate, args, data, "teacher", seed, directory, args.teacher_arch,
+                       teacher.epochs, [])
+    return Run(directory, make)
+
+
+def plan_runs(args: argparse.Namespace, data: str, output: Path, shared: Path, methods: list[str],
+              teacher: Teacher) -> list[Run]:
+    """The teacher first (when a student needs it or it exists), then seed by seed every method and the
+    random-weight row. The baseline and random rows live in ``shared`` (--baseline-from, else ``output``)."""
+    teacher_flags = ["--teacher-arch", args.teacher_arch, "--teacher-checkpoint", str(teacher.weights),
                      "--mgd-schedule", args.mgd_schedule, "--mgd-samples", str(args.mgd_samples),
                      "--mgd-loss-factor", str(args.mgd_loss_factor),
                      "--mgd-stage-weights", *map(str, args.mgd_stage_weights)]
-    # (run directory, how to do it): the teacher first, then seed by seed. Only the baseline
-    # and the random floor need no teacher: run alone, they can train beside another
-    # invocation that trains it (same --output-dir; --report-only assembles the table).
     plan = []
-    needs_teacher = any(method_flags(m, args) is not None for m in args.methods)
-    if needs_teacher or read_result(teacher_dir) is not None:
-        if args.teacher_checkpoint:
-            plan.append((teacher_dir, lambda: evaluate_adopted_teacher(args, data, args.seeds[0], teacher_dir,
-                                                                       teacher_epochs)))
-        elif args.teacher_kind == "supervised":
-            plan.append((teacher_dir, lambda: train_supervised_teacher(args, data, args.seeds[0], teacher_dir,
-                                                                       teacher_epochs)))
-        elif args.teacher_kind in ("random", "random-bn"):
-            plan.append((teacher_dir, lambda: make_random_teacher(args, data, args.seeds[0], teacher_dir)))
-        else:
-            plan.append((teacher_dir, lambda: pretrain_and_evaluate(args, data, "teacher", args.seeds[0], teacher_dir,
-                                                                    args.teacher_arch, teacher_epochs, [])))
-    shared = Path(args.baseline_from) if args.baseline_from else output   # where the baseline and random rows live
-    # Borrowed baselines are rows of the table, as the ones trained here are.
-    methods = ["baseline", *args.methods] if args.baseline_from and "baseline" not in args.methods else args.methods
+    if any(method_flags(m, args) is not None for m in methods) or read_result(teacher.directory) is not None:
+        plan.append(teacher_run(args, data, teacher))
     for seed in args.seeds:
         for method in methods:
-            run_dir = (shared if method == "baseline" else output) / f"seed{seed}" / method
+            directory = (shared if method == "baseline" else output) / f"seed{seed}" / method
             flags = method_flags(method, args)
-            extra = [] if flags is None else teacher_flags + flags
-            plan.append((run_dir, lambda m=method, s=seed, d=run_dir, e=extra: pretrain_and_evaluate(
-                args, data, m, s, d, args.student_arch, args.epochs, e)))
-        run_dir = shared / f"seed{seed}" / "random"
+            plan.append(Run(directory, partial(pretrain_and_evaluate, args, data, method, seed, directory,
+                                               args.student_arch, args.epochs,
+                                               [] if flags is None else teacher_flags + flags)))
         if args.random_init:
-            plan.append((run_dir, lambda s=seed, d=run_dir: evaluate_random_init(args, data, s, d)))
-    unfinished = [str(d) for d, _ in plan if args.baseline_from and d.is_relative_to(shared) and read_result(d) is None]
-    if unfinished and not args.report_only:
-        raise SystemExit(f"--baseline-from {args.baseline_from}: {', '.join(unfinished)} not finished; run that "
-                         "experiment's baseline (and random) seeds first")
-    if args.report_only:
-        results = [r for r in (read_result(run_dir) for run_dir, _ in plan) if r is not None]
-    else:
-        results = [run() for _, run in plan]
-    kind = TEACHER_KINDS[args.teacher_kind]
+            directory = shared / f"seed{seed}" / "random"
+            plan.append(Run(directory, partial(evaluate_random_init, args, data, seed, directory)))
+    return plan
+
+
+def write_report(args: argparse.Namespace, output: Path, shared: Path, methods: list[str], teacher: Teacher,
+                 results: list[dict]) -> str:
+    """The table, the one-line summary and the figures of the first seed's MGD-AMP run; returns the text."""
+    kind = TEACHER_KINDS[teacher.kind]
     titles = {m: t.format(teacher=args.teacher_arch, student=args.student_arch, teacher_kind=kind)
               for m, t in TITLES.items()}
     table = results_table(results, ["teacher", *methods, "random"], titles)
@@ -478,19 +482,45 @@ def main(argv: list[str] | None = None) -> None:
                     f"{' '.join(map(str, args.seeds))}); each run's settings are its command lines, the lines "
                     f"starting with $ in its stdout.txt. kNN and linear top-1 on {scored_on(args)}")
     else:
-        settings = run_settings(args, kind, teacher_epochs)
-    student = next((m for m in args.methods if m != "baseline"), "baseline")
+        settings = run_settings(args, teacher)
+    student = next((m for m in methods if m != "baseline"), "baseline")
     summary = summary_line(results, student, {**titles, "teacher": f"{kind} {args.teacher_arch} teacher"})
-    (output / "results.md").write_text(settings + "\n\n" + table + "\n" + summary + "\n")
-    (output / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
-    figure_run, baseline_run = output / f"seed{args.seeds[0]}" / "mgd-amp", shared / f"seed{args.seeds[0]}" / "baseline"
+    text = settings + "\n\n" + table + "\n" + summary + "\n"
+    (output / "results.md").write_text(text)
+    recorded_args = {**vars(args), "teacher_kind": teacher.kind, "teacher_checkpoint": teacher.adopted}
+    (output / "results.json").write_text(json.dumps({"args": recorded_args, "results": results}, indent=1) + "\n")
+    first = f"seed{args.seeds[0]}"
+    figure_run, baseline_run, random_run = output / first / "mgd-amp", shared / first / "baseline", shared / first / "random"
     if (figure_run / "metrics.jsonl").is_file():
         compare = {"baseline": baseline_run} if (baseline_run / "metrics.jsonl").is_file() else {}
-        random_run = shared / f"seed{args.seeds[0]}" / "random"
         references = {"random init": random_run} if (random_run / "metrics.jsonl").is_file() else {}
         plots.write_run_figures(figure_run, output / "figures", label="MGD-AMP", compare=compare, references=references)
-    print(f"\n{settings}\n\n{table}\n{summary}\nwritten to {output / 'results.md'} in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    data = "" if args.report_only else fashion_mnist_dir(args)
+    start = time.perf_counter()
+    teacher = resolve_teacher(args, output)
+    shared = Path(args.baseline_from) if args.baseline_from else output
+    # Borrowed baselines are rows of the table, as the ones trained here are.
+    methods = ["baseline", *args.methods] if args.baseline_from and "baseline" not in args.methods else args.methods
+    plan = plan_runs(args, data, output, shared, methods, teacher)
+    unfinished = [str(run.directory) for run in plan
+                  if args.baseline_from and run.directory.is_relative_to(shared) and read_result(run.directory) is None]
+    if unfinished and not args.report_only:
+        raise SystemExit(f"--baseline-from {args.baseline_from}: {', '.join(unfinished)} not finished; run that "
+                         "experiment's baseline (and random) seeds first")
+    if args.report_only:
+        results = [r for r in (read_result(run.directory) for run in plan) if r is not None]
+    else:
+        results = [run.make() for run in plan]
+    text = write_report(args, output, shared, methods, teacher, results)
+    print(f"\n{text}written to {output / 'results.md'} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def scored_on(args: argparse.Namespace) -> str:
@@ -500,11 +530,11 @@ def scored_on(args: argparse.Namespace) -> str:
     return "the 10,000 test images"
 
 
-def run_settings(args: argparse.Namespace, kind: str, teacher_epochs: int) -> str:
+def run_settings(args: argparse.Namespace, teacher: Teacher) -> str:
     """The sentence above the table: the settings this invocation trained its runs with."""
     settings = (f"Fashion-MNIST, {args.images} training images at {args.image_size} px ({args.stem} stem), "
-                f"{args.epochs} pretraining epochs ({kind} teacher {teacher_epochs}"
-                f"{f', lr {args.teacher_lr:g}' if args.teacher_kind == 'supervised' else ''}), "
+                f"{args.epochs} pretraining epochs ({TEACHER_KINDS[teacher.kind]} teacher {teacher.epochs}"
+                f"{f', lr {args.teacher_lr:g}' if teacher.kind == 'supervised' else ''}), "
                 f"-b {args.batch_size} --lr {args.lr:g}, "
                 f"--moco-t {args.moco_t} --moco-m {args.moco_m} --crop-min {args.crop_min:g} --shuffle-bn-splits {args.shuffle_bn_splits}, MGD matching "
                 f"{args.mgd_schedule} on "

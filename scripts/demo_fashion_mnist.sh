@@ -14,6 +14,15 @@ cd "$(dirname "$0")/.."
 OUT=${1:-output/demo}
 shift $(( $# > 0 ? 1 : 0 ))
 PYTHON=${PYTHON:-.venv/bin/python}
+# Fashion-MNIST from Debian's package when it is missing and no other source was named.
+FMNIST=/usr/share/datasets/fashion-mnist
+case " $* " in *" --data "*|*" --download "*) ;; *)
+  if ! ls "$FMNIST"/train-images-idx3-ubyte* > /dev/null 2>&1 && command -v apt-get > /dev/null; then
+    echo "Fashion-MNIST is not in $FMNIST: installing Debian's dataset-fashion-mnist (30 MB)"
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get install -y -q dataset-fashion-mnist || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }
+  fi ;;
+esac
 # -b 64 in one process; the queue (1024, a multiple of it) holds half an epoch's keys, so an image never
 # meets its own earlier key among the negatives. kNN k=20, T=0.07 on the 10k test images.
 exec "$PYTHON" experiments/fashion_mnist.py --output-dir "$OUT" --methods baseline mgd-amp \
