@@ -6,7 +6,7 @@
 set -euo pipefail
 OUT=${1:?output directory}
 PY=${PYTHON:-.venv/bin/python}
-RECIPE=(--images 2048 --image-size 32 --epochs "${EPOCHS:-20}" -b 64 --lr 0.0075 --moco-k 1024 --crop-min 0.5
+RECIPE=(--images 2048 --image-size 32 --epochs "${EPOCHS:-20}" -b 64 --lr 0.0075 --moco-k 1024 --crop-min "${CROP_MIN:-0.8}"
         --knn-freq 4 --mgd-schedule authors --mgd-samples 2048 -j 2 --val-holdout 0.1 --seeds 0)
 $PY experiments/fashion_mnist.py --output-dir "$OUT/base" "${RECIPE[@]}" --methods baseline
 $PY experiments/fashion_mnist.py --output-dir "$OUT/sup_lf30" "${RECIPE[@]}" --methods mgd-amp \
