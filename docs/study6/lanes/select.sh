@@ -2,9 +2,9 @@
 # Study 6, part 4: the MGD loss factor chosen on the held-out images (--val-holdout 0.1), never the
 # test set: MGD-AMP from the supervised ResNet-50 at factors 1e1, 3e1 and 1e2, seed 0, paired with the
 # baseline of the same seed, with the recipe of part 1. Resumable (a finished run is not redone).
-#   bash docs/study6/lanes/select.sh OUT        (from the repository root)
+#   bash docs/study6/lanes/select.sh ROOT        (from the repository root; writes ROOT/select/*)
 set -euo pipefail
-OUT=${1:?output directory}
+OUT=${1:?output directory}/select
 PY=${PYTHON:-.venv/bin/python}
 RECIPE=(--images 2048 --image-size 32 --epochs "${EPOCHS:-20}" -b 64 --lr 0.0075 --moco-k 1024 --crop-min "${CROP_MIN:-0.8}"
         --knn-freq 4 --mgd-schedule authors --mgd-samples 2048 -j 2 --val-holdout 0.1 --seeds 0)
