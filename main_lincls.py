@@ -12,7 +12,7 @@ import sys
 
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
 from moco_mgd.runtime import launch
-from moco_mgd.runtime.data import DATASETS, VAL_HOLDOUT_HELP
+from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.evaluation.lincls import LinclsConfig, check_config, linear_eval
 
 

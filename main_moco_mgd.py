@@ -13,7 +13,7 @@ from moco_mgd.losses.cckd import KERNELS
 from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
 from moco_mgd.runtime import launch
-from moco_mgd.runtime.data import DATASETS, VAL_HOLDOUT_HELP
+from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.runtime.precision import AMP_MODES
 from moco_mgd.training.config import PretrainConfig, validate
 from moco_mgd.training.pretrain import pretrain

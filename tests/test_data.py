@@ -1,4 +1,4 @@
-"""moco_mgd.runtime.data on real files: tiny IDX files and image folders written under tmp_path."""
+"""moco_mgd.data on real files: tiny IDX files and image folders written under tmp_path."""
 import logging
 import os
 import random
@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from moco_mgd.runtime import data
+from moco_mgd import data
+from moco_mgd.data import datasets
 from tests.helpers import cannot_run_here, write_fashion_mnist as _write_fashion, write_idx as _write_idx
-from moco_mgd.runtime.data import (FASHION_MNIST_DIR, FashionMNIST, GaussianBlur, ImageFolderDataset, TwoCropsTransform,
+from moco_mgd.data import (FASHION_MNIST_DIR, FashionMNIST, GaussianBlur, ImageFolderDataset, TwoCropsTransform,
                            build_dataset, eval_transform, find_fashion_mnist, random_subset, pretrain_transform)
 
 
@@ -71,12 +72,12 @@ def test_find_fashion_mnist(tmp_path, monkeypatch):
     _write_fashion(str(tmp_path / "mine"))
     assert find_fashion_mnist(str(tmp_path / "mine")) == str(tmp_path / "mine")
     # Without Debian's copy, a directory lacking the files must say how to get them.
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "not_installed"))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", str(tmp_path / "not_installed"))
     for root in (str(tmp_path / "missing"), None):
         with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
             find_fashion_mnist(root)
     # With it, an empty root falls back to it (as main_moco_mgd.py's default DIR "").
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "mine"))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", str(tmp_path / "mine"))
     assert find_fashion_mnist(None) == str(tmp_path / "mine")
     _write_fashion(str(tmp_path / "mine"), "t10k", n=3)
     assert len(build_dataset("fashion-mnist", "", "test")) == 3
@@ -136,7 +137,7 @@ def _corrupt_folder(tmp_path):
 
 @pytest.fixture
 def data_log(caplog):
-    caplog.set_level(logging.WARNING, logger="moco_mgd.runtime.data")
+    caplog.set_level(logging.WARNING, logger="moco_mgd.data.datasets")
     return caplog
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moco_mgd.models.resnet import build_resnet
-from moco_mgd.runtime.data import build_dataset
+from moco_mgd.data import build_dataset
 from tests.helpers import write_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]

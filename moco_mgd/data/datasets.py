@@ -1,4 +1,4 @@
-"""Datasets and augmentations: MoCo's image folders and transforms, plus Fashion-MNIST.
+"""The datasets: MoCo's image folders, Fashion-MNIST from its IDX files, and the held-out and random subsets.
 
 Every bad input raises ``FileNotFoundError`` or ``ValueError`` with the fix in the message,
 so ``main_moco_mgd.py`` refuses the run before any process starts. Nothing is downloaded.
@@ -6,125 +6,24 @@ so ``main_moco_mgd.py`` refuses the run before any process starts. Nothing is do
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import os
-import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torchvision.datasets
-from PIL import Image, ImageFilter, UnidentifiedImageError
-from torch.utils.data import Dataset, DistributedSampler, Subset
-from torchvision import transforms
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset
+
 
 logger = logging.getLogger(__name__)
-
-# ImageNet statistics for every dataset, Fashion-MNIST included: a teacher pretrained on
-# ImageNet expects its inputs normalised this way.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("imagefolder", "fashion-mnist")
 
 # PIL raises SyntaxError and ValueError too for some malformed headers.
 _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
-
-
-class GaussianBlur:
-    """MoCo-v2's Gaussian blur (from SimCLR): radius drawn uniformly from ``sigma`` per call.
-
-    The radius comes from Python's ``random`` as in MoCo's code; torchvision's transforms draw
-    from torch's RNG, so seeding both ``random`` and ``torch`` reproduces the augmentations.
-
-    Args:
-        sigma: ``(low, high)`` range of the blur radius in pixels.
-    """
-
-    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)):
-        self.sigma = tuple(sigma)
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(sigma={self.sigma})"
-
-
-def blur_sigma(image_size: int) -> tuple[float, float]:
-    """MoCo-v2's blur radius range, (0.1, 2.0) px at 224 px, scaled with the crop side.
-
-    MoCo blurs the 224 px crop with a radius in pixels; the same radius on a 32 px crop is a
-    7x stronger blur relative to the image (2 px is 6% of its side) and erases the detail
-    that separates small images. Scaling keeps the blur MoCo-v2 applies to an ImageNet image,
-    relative to the image: exactly MoCo's at 224 px, (0.014, 0.29) px at 32 px.
-    """
-    return 0.1 * image_size / 224, 2.0 * image_size / 224
-
-
-def pretrain_transform(image_size: int = 224, aug_plus: bool = True, crop_min: float = 0.2) -> Callable:
-    """MoCo's training augmentation of one view, as in the official ``main_moco.py``.
-
-    At 224 px it is exactly MoCo's; at other sizes the blur scales with the crop
-    (:func:`blur_sigma`).
-
-    Args:
-        image_size: side of the square crop.
-        aug_plus: MoCo v2's augmentation (colour jitter with p=0.8, blur); otherwise MoCo v1's.
-        crop_min: the smallest crop, as a fraction of the image's area (MoCo v2: 0.2; MoCo v3's
-            ``--crop-min``).
-
-    Returns:
-        A callable mapping a PIL image to a normalised ``FloatTensor[3, image_size, image_size]``.
-    """
-    crop = transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.0))
-    if aug_plus:
-        augmentation = [
-            crop,
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2),
-            transforms.RandomApply([GaussianBlur(blur_sigma(image_size))], p=0.5),
-        ]
-    else:
-        augmentation = [crop, transforms.RandomGrayscale(p=0.2), transforms.ColorJitter(0.4, 0.4, 0.4, 0.4)]
-    return transforms.Compose(augmentation + [
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def eval_transform(image_size: int = 224) -> Callable:
-    """MoCo's deterministic validation transform (resize 256, centre crop 224), scaled to ``image_size``.
-
-    Args:
-        image_size: side of the square centre crop.
-
-    Returns:
-        A callable mapping a PIL image to a normalised ``FloatTensor[3, image_size, image_size]``.
-    """
-    return transforms.Compose([
-        transforms.Resize(round(image_size * 256 / 224)),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-class TwoCropsTransform:
-    """Two independent augmentations of one image: the query and the key views.
-
-    Args:
-        base_transform: the augmentation applied to each view.
-    """
-
-    def __init__(self, base_transform: Callable):
-        self.base_transform = base_transform
-
-    def __call__(self, x) -> list:
-        return [self.base_transform(x), self.base_transform(x)]
 
 
 class ImageFolderDataset(torchvision.datasets.ImageFolder):
@@ -416,67 +315,3 @@ def check_same_classes(train_set: Dataset, val_set: Dataset) -> None:
             f"{only_val[:10]}{', or the same names in another order' if not only_train and not only_val else ''}): "
             f"both splits need the same class folders"
         )
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's augmentations in one epoch: a function of these three numbers alone."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-class SeededSamples(Dataset):
-    """``dataset`` indexed by ``(epoch, index)``, each sample augmented from RNGs seeded by
-    :func:`sample_seed` ``(seed, epoch, index)``.
-
-    Why: a sample's augmentations then depend neither on which process or loader worker reads
-    it (``-j`` changes nothing) nor on what ran before it, so an epoch stopped part-way goes on,
-    after a resume, with the very batches it would have had. The caller's torch and Python RNG
-    states are put back after each sample: with ``-j 0`` the training process's own streams
-    (shuffle BN, random drop) stay as they were.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        epoch, index = item
-        torch_state, python_state = torch.get_rng_state(), random.getstate()
-        seed = sample_seed(self.seed, epoch, index)
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(python_state)
-
-
-class ResumableSampler(DistributedSampler):
-    """A ``DistributedSampler`` for :class:`SeededSamples`: it yields ``(epoch, index)``, and an
-    epoch can start after its first ``batches_done`` batches (a resume mid-epoch).
-
-    The order of an epoch is DistributedSampler's (seeded by ``seed + epoch``), so a resumed epoch
-    reads exactly the indices the uninterrupted one would have read after that point.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_size = batch_size
-        self.batches_done = 0
-
-    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.batches_done = batches_done
-
-    def batches_per_epoch(self) -> int:
-        return super().__len__() // self.batch_size
-
-    def __iter__(self):
-        skipped = self.batches_done * self.batch_size
-        return ((self.epoch, index) for index in list(super().__iter__())[skipped:])
-
-    def __len__(self) -> int:
-        return super().__len__() - self.batches_done * self.batch_size

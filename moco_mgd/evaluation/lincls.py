@@ -30,7 +30,7 @@ from moco_mgd.runtime import distributed
 from moco_mgd.models.resnet import build_resnet, load_checkpoint_file, load_pretrained_backbone, resnet_trunk
 from moco_mgd.models.stages import check_image_size
 from moco_mgd.runtime.checkpoint import check_writable, save_checkpoint, with_module_prefix
-from moco_mgd.runtime.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform,
+from moco_mgd.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform,
                            random_subset)
 from moco_mgd.training.schedules import learning_rate, set_learning_rate
 from moco_mgd.evaluation.features import extract_features

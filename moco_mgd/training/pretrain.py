@@ -23,7 +23,7 @@ from moco_mgd.models.stages import degenerate_image_size
 from moco_mgd.runtime import checkpoint as ckpt
 from moco_mgd.runtime import precision
 from moco_mgd.runtime import distributed
-from moco_mgd.runtime.data import (ResumableSampler, SeededSamples, TwoCropsTransform, build_dataset, eval_transform,
+from moco_mgd.data import (ResumableSampler, SeededSamples, TwoCropsTransform, build_dataset, eval_transform,
                                    pretrain_transform, random_subset)
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.logs import MetricsLog, furthest_logged, setup_logging
