@@ -18,7 +18,7 @@ import torch
 
 
 from moco_mgd.losses.embedding import EmbeddingDistiller
-from moco_mgd.runtime.timing import measure
+from moco_mgd.reporting.timing import measure
 
 LOSSES = {
     "CCKD (rbf-taylor, P=2)": {"cckd_weight": 1.0},

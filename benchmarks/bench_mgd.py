@@ -22,7 +22,7 @@ import torch
 
 from moco_mgd.losses import mgd
 from moco_mgd.losses.mgd_distiller import MGDistiller
-from moco_mgd.runtime.timing import measure
+from moco_mgd.reporting.timing import measure
 
 STUDENT = (64, 128, 256, 512)       # resnet18 / resnet34
 TEACHER = (256, 512, 1024, 2048)    # resnet50

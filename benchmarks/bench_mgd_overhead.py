@@ -28,7 +28,7 @@ from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.models.stages import forward_with_stages
-from moco_mgd.runtime.timing import sync
+from moco_mgd.reporting.timing import sync
 from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
 from moco_mgd.training.engine import training_step
 

@@ -33,7 +33,7 @@ from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
 from moco_mgd.training.engine import training_step
 from moco_mgd.models.moco import MoCo
-from moco_mgd.runtime.timing import current_rss_bytes, measure, peak_rss_bytes
+from moco_mgd.reporting.timing import current_rss_bytes, measure, peak_rss_bytes
 
 # (row name, MGD on, EmbeddingDistiller kwargs, student MLP hidden width): the training steps timed.
 STEPS = {

@@ -34,7 +34,7 @@ from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
-from moco_mgd.runtime.timing import measure, sync
+from moco_mgd.reporting.timing import measure, sync
 from moco_mgd.training.engine import training_step
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -113,7 +113,7 @@ def test_demo_writes_the_figures(demo, tmp_path, monkeypatch):
     """The demo's figures hold the runs' numbers: drawn again here from the same logs, as the
     experiment draws them, each has the panels and lines those logs call for, with their values,
     and the demo's PNGs have the pixel size of these (a panel more or less changes it)."""
-    from moco_mgd.runtime import plots
+    from moco_mgd.reporting import plots
     from moco_mgd.runtime.logs import read_metrics
 
     out, _ = demo

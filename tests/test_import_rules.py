@@ -123,7 +123,7 @@ def test_the_graph_resolves_submodule_imports_and_sees_function_level_ones(tmp_p
     # "from moco_mgd.runtime import distributed" and "from moco_mgd.models.stages import STAGES, ...".
     assert {f"{PACKAGE}.runtime.distributed", f"{PACKAGE}.models.stages"} <= distiller
     # pretrain.py imports the plots inside a function, to keep matplotlib out of the start-up.
-    assert f"{PACKAGE}.runtime.plots" in graph[f"{PACKAGE}.training.pretrain"]
+    assert f"{PACKAGE}.reporting.plots" in graph[f"{PACKAGE}.training.pretrain"]
 
     source = tmp_path / "probe.py"
     source.write_text("import os\nfrom moco_mgd.losses import mgd, DEFAULT_NOT_A_MODULE\n"

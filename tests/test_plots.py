@@ -11,7 +11,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from moco_mgd.runtime import plots
+from moco_mgd.reporting import plots
 from moco_mgd.runtime.logs import read_metrics
 
 RECORDED = Path(__file__).parent / "data" / "recorded"
@@ -184,7 +184,7 @@ def test_cli_writes_the_three_figures(tmp_path):
     floor = tmp_path / "random"
     floor.mkdir()
     (floor / "metrics.jsonl").write_text('{"kind": "knn", "epoch": 0, "top1": 12.5}\n')
-    result = subprocess.run([sys.executable, "-m", "moco_mgd.runtime.plots", str(run), "--label", "MGD",
+    result = subprocess.run([sys.executable, "-m", "moco_mgd.reporting.plots", str(run), "--label", "MGD",
                              "--compare", f"baseline={RECORDED / 'baseline'}", "--reference", f"random init={floor}"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

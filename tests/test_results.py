@@ -1,10 +1,10 @@
-"""moco_mgd.runtime.results: a run's numbers from its real log files, and the mean ± std table."""
+"""moco_mgd.reporting.results: a run's numbers from its real log files, and the mean ± std table."""
 import math
 
 import pytest
 
 from moco_mgd.runtime.logs import MetricsLog
-from moco_mgd.runtime.results import read_result, results_table, run_result, summarize, write_result
+from moco_mgd.reporting.results import read_result, results_table, run_result, summarize, write_result
 
 
 def _run(tmp_path, knn_top1s, linear_top1s):
@@ -70,7 +70,7 @@ def test_paired_differences_against_the_baseline_of_the_same_seed():
     results = [_result("baseline", 0, 70.0, 80.0), _result("baseline", 1, 74.0, 82.0), _result("baseline", 2, 72.0, 81.0),
                _result("mgd-amp", 0, 71.0, 80.5), _result("mgd-amp", 1, 75.5, 82.0), _result("mgd-amp", 2, 72.5, 81.0),
                _result("teacher", 0, 65.0, 70.0)]
-    from moco_mgd.runtime.results import paired_differences
+    from moco_mgd.reporting.results import paired_differences
 
     assert paired_differences(results, "mgd-amp", "knn_top1") == [1.0, 1.5, 0.5]
     table = results_table(results, ["teacher", "baseline", "mgd-amp", "random"], {"baseline": "base"}).splitlines()
@@ -86,7 +86,7 @@ def test_paired_differences_against_the_baseline_of_the_same_seed():
 
 
 def test_summary_line_says_whether_the_teacher_is_better_and_the_student_wins():
-    from moco_mgd.runtime.results import summary_line
+    from moco_mgd.reporting.results import summary_line
 
     def r(method, seed, knn, linear):
         return {"method": method, "seed": seed, "knn_top1": knn, "linear_top1": linear}

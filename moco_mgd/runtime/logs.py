@@ -121,7 +121,7 @@ class MetricsLog:
             self._wandb.log(flat, step=step)
 
     def log_images(self, images: Mapping[str, str | os.PathLike]) -> None:
-        """Send image files (``{name: path}``, e.g. the PNGs of :mod:`moco_mgd.runtime.plots`) to wandb.
+        """Send image files (``{name: path}``, e.g. the PNGs of :mod:`moco_mgd.reporting.plots`) to wandb.
 
         A no-op when wandb is off: the files on disk are the record.
         """

@@ -226,12 +226,12 @@ def _write_figures(output_dir: Path, metrics: MetricsLog) -> None:
 
     The checkpoints are already saved: a figure that cannot be drawn is a warning, not a failed run.
     """
-    from moco_mgd.runtime import plots  # matplotlib is imported only here, once per run
+    from moco_mgd.reporting import plots  # matplotlib is imported only here, once per run
 
     try:
         paths = plots.write_run_figures(output_dir, metrics_log=metrics)
     except (OSError, ValueError) as exc:
-        logger.warning(f"figures not drawn ({exc}); retry with: python -m moco_mgd.runtime.plots {output_dir}")
+        logger.warning(f"figures not drawn ({exc}); retry with: python -m moco_mgd.reporting.plots {output_dir}")
         return
     logger.info("figures: " + ", ".join(str(p) for p in paths))
 
