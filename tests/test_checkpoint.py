@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.checkpoints import files as ckpt
 
 
 class _ExplodesWhenSaved:
@@ -27,7 +27,7 @@ def test_latest_skips_unreadable_and_temporary_files(tmp_path, caplog):
     ckpt.save_checkpoint({"epoch": 2}, ckpt.checkpoint_path(tmp_path, 1))
     (tmp_path / ".checkpoint_0002.pth.tar.tmp-123").write_bytes(b"partial")
     ckpt.checkpoint_path(tmp_path, 3).write_bytes(b"truncated by hand")
-    with caplog.at_level("WARNING", logger="moco_mgd.runtime.checkpoint"):
+    with caplog.at_level("WARNING", logger="moco_mgd.checkpoints.files"):
         latest = ckpt.latest_checkpoint(tmp_path)
     assert latest == ckpt.checkpoint_path(tmp_path, 1)
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [

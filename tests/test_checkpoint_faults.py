@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.checkpoints import files as ckpt
 from tests.helpers import moco_v2_checkpoint, tmpfs_mounted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def _kill_inside_a_write(proc: subprocess.Popen, directory: Path, complete_size:
 _WRITER = textwrap.dedent("""
     import itertools, sys
     import torch
-    from moco_mgd.runtime import checkpoint as ckpt
+    from moco_mgd.checkpoints import files as ckpt
 
     out = sys.argv[1]
     latest = ckpt.latest_checkpoint(out)
@@ -197,7 +197,7 @@ def test_full_disk_stops_a_pretraining_run_with_the_message(data_dir, small_disk
                             timeout=600)
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("moco_mgd.runtime.checkpoint.CheckpointSpaceError: no space left to save "
+    assert message.startswith("moco_mgd.checkpoints.files.CheckpointSpaceError: no space left to save "
                               f"checkpoint_0001.pth.tar in {str(out)!r}: it needs "), result.stderr[-3000:]
     assert "no space left to save checkpoint_0001.pth.tar" in (out / "log.txt").read_text().splitlines()[-1]
     previous = ckpt.checkpoint_path(out, 0)

@@ -10,7 +10,7 @@ from moco_mgd import export
 from moco_mgd.evaluation import knn
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.runtime import launch
-from moco_mgd.runtime.checkpoint import with_module_prefix
+from moco_mgd.checkpoints.files import with_module_prefix
 from tests.helpers import moco_v2_checkpoint
 
 PRETRAIN_BAD = [

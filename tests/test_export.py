@@ -21,9 +21,10 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import Bottleneck
 
-from moco_mgd.models.resnet import build_resnet, load_frozen_backbone
-from moco_mgd.runtime.checkpoint import with_module_prefix
-from moco_mgd.export import detectron2_name, head_path, main
+from moco_mgd.checkpoints.formats import load_frozen_backbone
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.checkpoints.files import with_module_prefix
+from moco_mgd.checkpoints.export import detectron2_name, head_path, main
 from tests.helpers import moco_v2_checkpoint, randomize_bn, tmpfs_mounted
 
 CLOSE = dict(atol=1e-6, rtol=1e-5)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 import main_lincls
 from moco_mgd.models.resnet import build_resnet
-from moco_mgd.runtime.checkpoint import with_module_prefix
+from moco_mgd.checkpoints.files import with_module_prefix
 from moco_mgd.data import build_dataset
 from moco_mgd.evaluation.lincls import build_linear_model, check_frozen_weights, frozen_state, train_epoch, train_transform
 from moco_mgd.models.moco import MoCo

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main_moco_mgd
-from moco_mgd.runtime.checkpoint import checkpoint_path
+from moco_mgd.checkpoints.files import checkpoint_path
 
 
 def _args(data_dir, out, epochs=1, extra=()):

@@ -14,7 +14,7 @@ import torch
 
 import main_moco_mgd
 from moco_mgd.models.resnet import build_resnet
-from moco_mgd.runtime.checkpoint import list_checkpoints
+from moco_mgd.checkpoints.files import list_checkpoints
 from moco_mgd.runtime.logs import read_metrics
 from moco_mgd.training.engine import NonFiniteLossError
 from moco_mgd.training.schedules import learning_rate

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.data import ResumableSampler, SeededSamples
 from moco_mgd.runtime.stopping import StopRequest, exit_code
 from moco_mgd.training.config import PretrainConfig, check_resume

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from moco_mgd.models.resnet import load_frozen_teacher
+from moco_mgd.checkpoints.formats import load_frozen_teacher
 from tests.helpers import write_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from moco_mgd.losses import mgd
-from moco_mgd.models.resnet import backbone_state_dict, build_resnet, load_frozen_teacher
+from moco_mgd.checkpoints.formats import backbone_state_dict, load_frozen_teacher
+from moco_mgd.models.resnet import build_resnet
 from moco_mgd.losses.mgd_distiller import MGDistiller
 from moco_mgd.models.stages import pre_relu_bns
 from tests.helpers import moco_v2_checkpoint

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from moco_mgd.runtime import distributed
-from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, load_frozen_backbone, resnet_trunk
+from moco_mgd.checkpoints.formats import load_frozen_backbone
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, resnet_trunk
 from moco_mgd.models.stages import check_image_size
 from moco_mgd.data import (DATASETS, VAL_HOLDOUT_HELP, build_dataset, check_same_classes, eval_transform,
                                    random_subset)

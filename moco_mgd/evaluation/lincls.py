@@ -27,9 +27,10 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Tenso
 from torchvision import transforms
 
 from moco_mgd.runtime import distributed
-from moco_mgd.models.resnet import build_resnet, load_checkpoint_file, load_pretrained_backbone, resnet_trunk
+from moco_mgd.checkpoints.formats import load_checkpoint_file, load_pretrained_backbone
+from moco_mgd.models.resnet import build_resnet, resnet_trunk
 from moco_mgd.models.stages import check_image_size
-from moco_mgd.runtime.checkpoint import check_writable, save_checkpoint, with_module_prefix
+from moco_mgd.checkpoints.files import check_writable, save_checkpoint, with_module_prefix
 from moco_mgd.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_same_classes, eval_transform,
                            random_subset)
 from moco_mgd.training.schedules import learning_rate, set_learning_rate

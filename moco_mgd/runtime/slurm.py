@@ -190,7 +190,7 @@ class Trainer:
         if not self.requeued:
             return config
         if self.entry == "pretrain":
-            from moco_mgd.runtime.checkpoint import latest_checkpoint
+            from moco_mgd.checkpoints.files import latest_checkpoint
 
             if latest_checkpoint(config.output_dir) is not None:
                 return dataclasses.replace(config, resume="")   # pretrain() picks the newest complete one
@@ -237,7 +237,7 @@ def _writable_base(job_dir: str) -> Path:
 
 def prepare(name: str, argv: list[str]) -> Plan:
     """Parse and check everything a compute node would trip on later. Raises :class:`SubmitError`."""
-    from moco_mgd.runtime.checkpoint import check_writable
+    from moco_mgd.checkpoints.files import check_writable
 
     if name not in ENTRIES:
         raise SubmitError(f"unknown entry point {name!r}: choose pretrain or lincls")

@@ -15,9 +15,10 @@ from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS, MGDistiller
 from moco_mgd.models.moco import MoCo
-from moco_mgd.models.resnet import arch_stage_channels, head_dim, load_checkpoint_file, load_frozen_teacher
+from moco_mgd.checkpoints.formats import load_checkpoint_file, load_frozen_teacher
+from moco_mgd.models.resnet import arch_stage_channels, head_dim
 from moco_mgd.models.stages import check_image_size
-from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.data import build_dataset, check_same_classes
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import per_process_batch

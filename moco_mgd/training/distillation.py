@@ -24,7 +24,8 @@ import torch.nn as nn
 from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 from moco_mgd.models.moco import MoCo, MoCoOutput
-from moco_mgd.models.resnet import load_frozen_teacher, resnet_trunk
+from moco_mgd.checkpoints.formats import load_frozen_teacher
+from moco_mgd.models.resnet import resnet_trunk
 from moco_mgd.models.stages import forward_with_stages
 from moco_mgd.runtime.logs import MetricsLog
 from moco_mgd.training.config import PretrainConfig, build_embedding_distiller

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from moco_mgd.evaluation.knn import knn_evaluate
 from moco_mgd.losses.embedding import EMBEDDING_LOSSES
-from moco_mgd.models.resnet import load_checkpoint_file, resnet_trunk
+from moco_mgd.checkpoints.formats import load_checkpoint_file
+from moco_mgd.models.resnet import resnet_trunk
 from moco_mgd.models.stages import degenerate_image_size
-from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.runtime import precision
 from moco_mgd.runtime import distributed
 from moco_mgd.data import (ResumableSampler, SeededSamples, TwoCropsTransform, build_dataset, eval_transform,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from moco_mgd.models.moco import MoCo
-from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.distillation import Distillation
 from moco_mgd.training.engine import EpochProgress
