@@ -23,7 +23,7 @@ import torch
 
 import main_moco_mgd
 from moco_mgd.checkpoints.files import checkpoint_path, list_checkpoints
-from moco_mgd.runtime import slurm as submit
+from slurm import submit
 from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

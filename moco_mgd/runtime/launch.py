@@ -1,4 +1,4 @@
-"""Starting the processes of a run: one process, MoCo's mp.spawn, torchrun (and SLURM).
+"""Starting the processes of a run: one process, MoCo's mp.spawn, torchrun (SLURM's launcher, slurm/submit.py, reuses it).
 
 Every launch mode ends in the same call, ``worker(config, env)`` with a :class:`DistEnv`
 describing this process, so there is one training code path.
@@ -22,8 +22,10 @@ import torch.multiprocessing as mp
 from moco_mgd.runtime import stopping
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_numbers
 
-__all__ = ["DistEnv", "DEFAULT_DIST_TIMEOUT_S", "RankDied", "RENDEZVOUS_PORTS", "free_local_port", "launched_by_torchrun",
-           "procs_per_node", "process_counts", "launch", "check_dist_url", "init_process_group", "add_launch_arguments", "config_defaults", "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
+__all__ = ["DistEnv", "DEFAULT_DIST_TIMEOUT_S", "RankDied", "RENDEZVOUS_PORTS", "free_local_port",
+           "launched_by_torchrun", "procs_per_node", "process_counts", "launch", "check_dist_url",
+           "init_process_group", "device_for", "run_worker", "add_launch_arguments", "config_defaults",
+           "set_config_defaults", "config_from_args", "run_main", "per_process_batch"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -101,7 +103,8 @@ def process_counts(nodes: int, multiprocessing_distributed: bool, nproc_per_node
     return nodes, 1
 
 
-def _device_for(local_rank: int, gpu: int | None) -> torch.device:
+def device_for(local_rank: int, gpu: int | None = None) -> torch.device:
+    """This process's device: GPU ``gpu`` (default: the one of its local rank), made current, or the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     index = gpu if gpu is not None else local_rank
@@ -144,15 +147,24 @@ def init_process_group(backend: str, init_method: str, world_size: int, rank: in
                             timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
+def run_worker(worker: Callable, config, env: DistEnv, backend: str, init_method: str | None):
+    """``worker(config, env)``, inside the process group ``env`` describes, joined through ``init_method``
+    (None: no process group, a plain single-process run); returns what ``worker`` returns."""
+    if init_method is None:
+        return worker(config, env)
+    init_process_group(backend, init_method, env.world_size, env.rank, env.device, env.dist_timeout_s)
+    try:
+        return worker(config, env)
+    finally:
+        dist.destroy_process_group()
+
+
 def _spawned(local_rank: int, worker: Callable, config, nprocs: int, nodes: int, node_rank: int,
              dist_url: str, dist_backend: str, timeout_s: float) -> None:
     rank = node_rank * nprocs + local_rank
-    device = _device_for(local_rank, None)
-    init_process_group(dist_backend, dist_url, nodes * nprocs, rank, device, timeout_s)
-    try:
-        stopped = worker(config, DistEnv(rank, nodes * nprocs, local_rank, nprocs, device, timeout_s))
-    finally:
-        dist.destroy_process_group()
+    device = device_for(local_rank)
+    env = DistEnv(rank, nodes * nprocs, local_rank, nprocs, device, timeout_s)
+    stopped = run_worker(worker, config, env, dist_backend, dist_url)
     if stopped:  # saved on a signal: the parent learns it from the exit code
         raise SystemExit(stopping.exit_code(stopped))
 
@@ -234,28 +246,19 @@ def launch(worker: Callable, config, *, dist_url: str, dist_backend: str, world_
     """
     if launched_by_torchrun():
         local_rank = int(os.environ["LOCAL_RANK"])
-        device = _device_for(local_rank, None)
-        init_process_group(dist_backend, "env://", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), device,
-                           dist_timeout_s)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        try:
-            stopped = worker(config, DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device,
-                                             dist_timeout_s))
-        finally:
-            dist.destroy_process_group()
+        env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, local_world,
+                      device_for(local_rank), dist_timeout_s)
+        stopped = run_worker(worker, config, env, dist_backend, "env://")
     elif multiprocessing_distributed:
         nprocs = procs_per_node(nproc_per_node)
         stopped = _spawn(nprocs, (worker, config, nprocs, world_size, rank, dist_url, dist_backend, dist_timeout_s),
                          first_rank=rank * nprocs)
     elif world_size > 1:
-        device = _device_for(0, gpu)
-        init_process_group(dist_backend, dist_url, world_size, rank, device, dist_timeout_s)
-        try:
-            stopped = worker(config, DistEnv(rank, world_size, 0, 1, device, dist_timeout_s))
-        finally:
-            dist.destroy_process_group()
+        env = DistEnv(rank, world_size, 0, 1, device_for(0, gpu), dist_timeout_s)
+        stopped = run_worker(worker, config, env, dist_backend, dist_url)
     else:
-        stopped = worker(config, DistEnv(device=_device_for(0, gpu)))
+        stopped = worker(config, DistEnv(device=device_for(0, gpu)))
     return frozenset(stopped or ())
 
 
