@@ -2,7 +2,9 @@
 
 (a) no import cycle among moco_mgd modules, counting imports inside functions too;
 (b) the losses and the networks never reach up into training or evaluation;
-(c) every folder of the package is a package (has an ``__init__.py``).
+(c) every folder of the package is a package (has an ``__init__.py`` whose one-line docstring says what it owns);
+(d) each folder imports only the folders below it (:data:`MAY_IMPORT`), runtime/ none of the package's families;
+(e) no module imports another module's private name (a leading underscore), nor reads one through it.
 """
 from __future__ import annotations
 
@@ -14,6 +16,17 @@ import pytest
 PACKAGE = "moco_mgd"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LOWER_LAYERS = ("losses", "models")
+# What each folder may import, besides itself: the package's floors, lowest first. Every folder is listed.
+MAY_IMPORT = {
+    "runtime": set(),                                   # processes, launch, stopping, precision, logs
+    "data": {"runtime"},
+    "models": {"runtime"},
+    "losses": {"runtime", "models"},
+    "checkpoints": {"runtime", "models"},               # formats, save and load, export
+    "reporting": {"runtime", "models", "losses"},
+    "training": {"runtime", "data", "models", "losses", "checkpoints", "reporting", "evaluation"},
+    "evaluation": {"runtime", "data", "models", "losses", "checkpoints", "training"},
+}
 UPPER_LAYERS = (f"{PACKAGE}.training", f"{PACKAGE}.evaluation")
 
 
@@ -170,9 +183,66 @@ def test_losses_and_models_do_not_import_training_or_evaluation(layer):
     assert not offending, f"{layer} must not depend on training or evaluation: {offending}"
 
 
+def folder_of(module: str) -> str | None:
+    """``runtime`` for ``moco_mgd.runtime.launch``; None for the package itself and its top-level modules."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (ROOT / parts[1]).is_dir()) else None
+
+
+def test_every_folder_is_in_the_floor_plan():
+    folders = {d.name for d in ROOT.iterdir() if d.is_dir() and d.name != "__pycache__"}
+    assert folders == MAY_IMPORT.keys(), f"add the new folder to MAY_IMPORT: {sorted(folders ^ MAY_IMPORT.keys())}"
+
+
+def test_each_folder_imports_only_the_folders_below_it():
+    graph = import_graph()
+    offending = {}
+    for module, targets in graph.items():
+        folder = folder_of(module)
+        if folder is None:
+            continue
+        bad = sorted(t for t in targets if folder_of(t) not in (None, folder, *MAY_IMPORT[folder]))
+        if bad:
+            offending[module] = bad
+    assert not offending, f"imports against the floor plan (MAY_IMPORT): {offending}"
+
+
+def private_uses(path: Path, modules: dict[str, Path]) -> list[str]:
+    """``from moco_mgd.x import _name`` and ``module._name`` (``module`` a package module bound by an import)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found, bound = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGE)):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"line {node.lineno}: from {'.' * node.level}{node.module or ''} import {alias.name}")
+                if not node.level and f"{node.module}.{alias.name}" in modules:
+                    bound.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            bound.update(a.asname for a in node.names if a.asname and a.name.startswith(PACKAGE))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names(tmp_path):
+    modules = package_modules()
+    probe = tmp_path / "probe.py"
+    probe.write_text("from moco_mgd.models.resnet import _MOVED_TO_CHECKPOINTS\nfrom moco_mgd.runtime import launch\n"
+                     "launch._spawn\nlaunch.__name__\n")
+    assert len(private_uses(probe, modules)) == 2     # the checker sees both forms, and not dunders
+    offending = {name: uses for name, path in modules.items() if (uses := private_uses(path, modules))}
+    assert not offending, f"private names used across modules (make them public, or keep the use inside): {offending}"
+
+
 def test_every_folder_of_the_package_is_a_package():
     folders = [ROOT] + sorted(d for d in ROOT.rglob("*") if d.is_dir() and d.name != "__pycache__"
                               and "__pycache__" not in d.parts)
     assert {d.name for d in folders} >= {"models", "losses", "training", "evaluation", "runtime"}
     missing = [str(d.relative_to(ROOT.parent)) for d in folders if not (d / "__init__.py").is_file()]
     assert not missing, f"folders without __init__.py: {missing}"
+    for folder in folders[1:]:
+        docstring = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
+        assert docstring and "\n" not in docstring, f"{folder.name}/__init__.py: one line saying what the folder owns"

@@ -1,1 +1,1 @@
-"""The networks: the ResNet builder and teacher loader, the stage-feature forward, MoCo and its queue."""
+"""The networks: the ResNet builder and stems, the stage-feature forward, MoCo and its queue."""

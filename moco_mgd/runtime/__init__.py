@@ -1,1 +1,1 @@
-"""Around the training: processes and collectives, launch, checkpoints, data, logs, figures, results, export."""
+"""Around the training: processes and collectives, launch, loader workers, stopping on a signal, precision, logs."""
