@@ -34,6 +34,11 @@ from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEE
 from moco_mgd.runtime.launch import DistEnv
 from moco_mgd.runtime.precision import AMP_MODES, autocast_dtype
 
+# The kNN defaults of every command (pretraining's monitor, this CLI, linear evaluation's --knn-k): MoCo's
+# CIFAR demo, k=200 neighbours and a vote temperature of 0.1 (DINO uses 20 and 0.07).
+KNN_K = 200
+KNN_T = 0.1
+
 __all__ = ["BACKENDS", "knn_search", "knn_classify", "knn_accuracy", "knn_evaluate", "KnnConfig", "check_config", "main"]
 
 logger = logging.getLogger("moco_mgd")
@@ -124,7 +129,7 @@ def knn_search(train_features: torch.Tensor, query_features: torch.Tensor, k: in
 
 
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
-                 num_classes: int, k: int = 200, temperature: float = 0.1, backend: str = "faiss",
+                 num_classes: int, k: int = KNN_K, temperature: float = KNN_T, backend: str = "faiss",
                  chunk_size: int = 4096, use_gpu: bool | None = None) -> torch.Tensor:
     """Class scores of the queries: their top-k neighbours vote with weight ``exp(sim / T)``.
 
@@ -160,7 +165,7 @@ def knn_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int]
 
 
 def knn_evaluate(model: nn.Module, train_set: Dataset, val_set: Dataset, batch_size: int,
-                 device: torch.device | str, k: int = 200, temperature: float = 0.1, workers: int = 0,
+                 device: torch.device | str, k: int = KNN_K, temperature: float = KNN_T, workers: int = 0,
                  autocast_dtype: torch.dtype | None = None, backend: str = "faiss") -> dict[str, float]:
     """kNN accuracy of ``model``'s features: ``val_set`` classified against ``train_set``.
 
@@ -211,8 +216,8 @@ class KnnConfig:
     stem: str = "imagenet"
     dataset: str = "imagefolder"
     image_size: int = 224
-    k: int = 200
-    temperature: float = 0.1
+    k: int = KNN_K
+    temperature: float = KNN_T
     batch_size: int = 256
     workers: int = 8
     backend: str = "faiss"
@@ -238,8 +243,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stem", choices=STEMS)
     parser.add_argument("--dataset", choices=DATASETS)
     parser.add_argument("--image-size", type=int, help="side of the centre crop")
-    parser.add_argument("-k", type=int, help="neighbours (MoCo's demo: 200, DINO: 20)")
-    parser.add_argument("--temperature", type=float, help="vote temperature (DINO: 0.07)")
+    parser.add_argument("--knn-k", "-k", dest="k", type=int, help="neighbours (MoCo's demo: 200, DINO: 20)")
+    parser.add_argument("--knn-t", "--temperature", dest="temperature", type=float,
+                        help="vote temperature (MoCo's demo: 0.1, DINO: 0.07)")
     parser.add_argument("-b", "--batch-size", type=int, help="images per forward, per process")
     parser.add_argument("-j", "--workers", type=int, help="data loading workers per process")
     parser.add_argument("--backend", choices=BACKENDS)
@@ -269,7 +275,7 @@ def _datasets(config: KnnConfig) -> tuple[Dataset, Dataset]:
 def check_config(config: KnnConfig, world_size: int, local_world_size: int) -> None:
     """Refuse a kNN run that cannot work, before any process starts."""
     check_numbers([("--max-images", config.max_images, NON_NEGATIVE[0], ">= 0 (0: all images)"),
-                   ("-k", config.k, *AT_LEAST_1), ("--temperature", config.temperature, *POSITIVE),
+                   ("--knn-k", config.k, *AT_LEAST_1), ("--knn-t", config.temperature, *POSITIVE),
                    ("-b/--batch-size", config.batch_size, *AT_LEAST_1), ("-j/--workers", config.workers, *NON_NEGATIVE),
                    ("--image-size", config.image_size, *AT_LEAST_1), ("--seed", config.seed, *SEED)])
     check_image_size(config.image_size, config.stem)
@@ -278,7 +284,7 @@ def check_config(config: KnnConfig, world_size: int, local_world_size: int) -> N
     _network(config)
     train_set, _ = _datasets(config)
     if config.k > len(train_set):
-        raise ValueError(f"k={config.k} is larger than the {len(train_set)} train images: lower -k")
+        raise ValueError(f"k={config.k} is larger than the {len(train_set)} train images: lower --knn-k")
 
 
 def knn_main(config: KnnConfig, env: DistEnv) -> None:

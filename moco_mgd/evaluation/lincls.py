@@ -35,7 +35,7 @@ from moco_mgd.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_sam
                            random_subset)
 from moco_mgd.training.schedules import learning_rate, set_learning_rate
 from moco_mgd.evaluation.features import extract_features
-from moco_mgd.evaluation.knn import knn_features_accuracy
+from moco_mgd.evaluation.knn import KNN_T, knn_features_accuracy
 from moco_mgd.runtime.flag_checks import NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.loader_workers import shut_down_workers
@@ -79,7 +79,7 @@ class LinclsConfig:
     max_images: int = 0
     val_holdout: float = 0.0
     knn_k: int = 0
-    knn_t: float = 0.07
+    knn_t: float = KNN_T   # the same default as pretraining's monitor and the kNN command
 
 
 def train_transform(image_size: int = 224):

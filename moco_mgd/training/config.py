@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from moco_mgd.evaluation.knn import KNN_K, KNN_T
 from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS, MGDistiller
@@ -85,8 +86,8 @@ class PretrainConfig:
     val_holdout: float = 0.0
     crop_min: float = 0.2
     knn_freq: int = 0
-    knn_k: int = 200
-    knn_t: float = 0.1
+    knn_k: int = KNN_K
+    knn_t: float = KNN_T
     wandb_project: str = ""
 
     def to_dict(self) -> dict:
