@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 
-from moco_mgd.models.resnet import build_resnet
+from moco_mgd.models.resnet import STEMS, build_resnet
 from moco_mgd.evaluation.features import extract_features
 from moco_mgd.evaluation.knn import knn_classify
 
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=4096, help="queries per search call")
     parser.add_argument("--extract-images", type=int, default=2048, help="32x32 images for the extraction")
     parser.add_argument("--batch-size", type=int, default=256, help="extraction batch")
-    parser.add_argument("--stem", default="small", choices=["imagenet", "small"],
+    parser.add_argument("--stem", default="small", choices=STEMS,
                         help="ResNet-18 stem of the extraction (small: what 32 px runs use)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -38,7 +38,8 @@ import torch.multiprocessing as mp
 
 from moco_mgd.runtime import distributed
 from moco_mgd.runtime.launch import free_local_port
-from moco_mgd.models.resnet import build_resnet
+from moco_mgd.models.resnet import STEMS, build_resnet
+from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 
 
@@ -132,8 +133,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048, help="images per matching update (N), all ranks")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64, help="per-process batch of the collection")
-    parser.add_argument("--stem", default="imagenet", choices=["imagenet", "small"], help="student stem")
-    parser.add_argument("--reducer", default="amp", help="amp/rd/max/avg: balanced matching; sm: sparse")
+    parser.add_argument("--stem", default="imagenet", choices=STEMS, help="student stem")
+    parser.add_argument("--reducer", default="amp", choices=REDUCERS,
+                        help="amp/rd/max/avg: balanced matching; sm: sparse")
     parser.add_argument("--world-sizes", default="1,2", help="comma-separated process counts to time")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: CPU cores // processes, at least 1)")

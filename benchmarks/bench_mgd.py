@@ -62,7 +62,7 @@ def main() -> None:
     rows.append((f"accumulate matching cost, 1 batch of {args.batch_size}", seconds,
                  f"{args.batch_size / seconds:,.0f} img/s"))
 
-    for reducer in ("amp", "rd", "sm", "max", "avg"):
+    for reducer in mgd.REDUCERS:
         distiller = MGDistiller(STUDENT, TEACHER, margins, reducer=reducer).to(device)
         distiller.accumulate(s_feats, t_feats)
         distiller.update_matching()
