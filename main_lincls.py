@@ -10,35 +10,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
+from moco_mgd.models.resnet import STEMS
 from moco_mgd.runtime import launch
 from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.evaluation.lincls import LinclsConfig, check_config, linear_eval
+from moco_mgd.training.flags import add_moco_arguments
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Linear classification on a frozen backbone", add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     moco = parser.add_argument_group("MoCo (same names and defaults as main_lincls.py)")
-    moco.add_argument("data", metavar="DIR", nargs="?", help="dataset root with train/ and val/ (image folders); for fashion-mnist the IDX "
-                           "directory (default: Debian's /usr/share/datasets/fashion-mnist)")
-    moco.add_argument("-a", "--arch", choices=RESNET_ARCHS,
-                      help="architecture of the pretrained backbone (checked against --pretrained)")
-    moco.add_argument("-j", "--workers", type=int, help="data loading workers per process")
-    moco.add_argument("--epochs", type=int)
-    moco.add_argument("--start-epoch", type=int, help="manual epoch number (useful on restarts)")
-    moco.add_argument("-b", "--batch-size", type=int,
-                      help="total batch size of all the processes (GPUs) of one node")
-    moco.add_argument("--lr", "--learning-rate", type=float, dest="lr")
-    moco.add_argument("--schedule", nargs="*", type=int, help="epochs at which lr drops x0.1")
-    moco.add_argument("--momentum", type=float)
-    moco.add_argument("--wd", "--weight-decay", type=float, dest="weight_decay")
-    moco.add_argument("-p", "--print-freq", type=int)
-    moco.add_argument("--resume", type=str,
-                      help="checkpoint of this script (checkpoint.pth.tar) to resume training or to --evaluate")
+    add_moco_arguments(
+        moco, data_help="dataset root with train/ and val/ (image folders); for fashion-mnist the IDX "
+                        "directory (default: Debian's /usr/share/datasets/fashion-mnist)",
+        arch_help="architecture of the pretrained backbone (checked against --pretrained)",
+        resume_help="checkpoint of this script (checkpoint.pth.tar) to resume training or to --evaluate")
     moco.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the model on val/")
-    launch.add_launch_arguments(moco)
-    moco.add_argument("--seed", type=int)
     moco.add_argument("--pretrained", type=str,
                       help="pretrained weights: an official MoCo checkpoint (module.encoder_q.*), one of "
                            "main_moco_mgd.py, or a torchvision state dict; none: a random backbone")

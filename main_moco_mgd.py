@@ -16,6 +16,7 @@ from moco_mgd.runtime import launch
 from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.runtime.precision import AMP_MODES
 from moco_mgd.training.config import PretrainConfig, validate
+from moco_mgd.training.flags import add_moco_arguments
 from moco_mgd.training.pretrain import pretrain
 
 
@@ -23,25 +24,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MoCo-v2 + MGD pretraining", add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     moco = parser.add_argument_group("MoCo (same names and defaults as main_moco.py)")
-    moco.add_argument("data", metavar="DIR", nargs="?", help="dataset root: reads DIR/train (image folders); for fashion-mnist the IDX directory "
-                           "(default: Debian's /usr/share/datasets/fashion-mnist)")
-    moco.add_argument("-a", "--arch", choices=RESNET_ARCHS,
-                      help="student architecture (MoCo's default is resnet50: pass it to train a teacher)")
-    moco.add_argument("-j", "--workers", type=int, help="data loading workers per process")
-    moco.add_argument("--epochs", type=int)
-    moco.add_argument("--start-epoch", type=int, help="manual epoch number (useful on restarts)")
-    moco.add_argument("-b", "--batch-size", type=int,
-                      help="total batch size of all the processes (GPUs) of one node")
-    moco.add_argument("--lr", "--learning-rate", type=float, dest="lr")
-    moco.add_argument("--schedule", nargs="*", type=int,
-                      help="epochs at which lr drops x0.1 (ignored with --cos)")
-    moco.add_argument("--momentum", type=float)
-    moco.add_argument("--wd", "--weight-decay", type=float, dest="weight_decay")
-    moco.add_argument("-p", "--print-freq", type=int)
-    moco.add_argument("--resume", type=str, help="checkpoint to resume from (default: the newest "
-                      "complete checkpoint in --output-dir, if any)")
-    launch.add_launch_arguments(moco)
-    moco.add_argument("--seed", type=int)
+    add_moco_arguments(
+        moco, data_help="dataset root: reads DIR/train (image folders); for fashion-mnist the IDX directory "
+                        "(default: Debian's /usr/share/datasets/fashion-mnist)",
+        arch_help="student architecture (MoCo's default is resnet50: pass it to train a teacher)",
+        schedule_help="epochs at which lr drops x0.1 (ignored with --cos)",
+        resume_help="checkpoint to resume from (default: the newest complete checkpoint in --output-dir, if any)")
     moco.add_argument("--moco-dim", type=int)
     moco.add_argument("--moco-k", type=int, help="queue size: a multiple of the global batch")
     moco.add_argument("--moco-m", type=float)
