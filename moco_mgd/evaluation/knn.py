@@ -33,6 +33,7 @@ from moco_mgd.runtime import launch
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, check_numbers
 from moco_mgd.runtime.launch import DistEnv
 from moco_mgd.runtime.precision import AMP_MODES, autocast_dtype
+from moco_mgd.training.flags import InputConfig
 
 # The kNN defaults of every command (pretraining's monitor, this CLI, linear evaluation's --knn-k): MoCo's
 # CIFAR demo, k=200 neighbours and a vote temperature of 0.1 (DINO uses 20 and 0.07).
@@ -203,22 +204,15 @@ def knn_features_accuracy(train_f: torch.Tensor, train_l: torch.Tensor, val_f: t
 
 
 @dataclass
-class KnnConfig:
-    """Everything a kNN evaluation of the CLI depends on (the defaults of its flags)."""
+class KnnConfig(InputConfig):
+    """Everything a kNN evaluation of the CLI depends on (the defaults of its flags); the network and its
+    images are :class:`~moco_mgd.training.flags.InputConfig`'s fields."""
 
-    data: str = ""
     pretrained: str | None = None
     random_init: bool = False
     seed: int = 0
-    max_images: int = 0
-    val_holdout: float = 0.0
-    arch: str = "resnet18"
-    stem: str = "imagenet"
-    dataset: str = "imagefolder"
-    image_size: int = 224
     k: int = KNN_K
     temperature: float = KNN_T
-    batch_size: int = 256
     workers: int = 8
     backend: str = "faiss"
     amp: str = "auto"

@@ -36,6 +36,7 @@ from moco_mgd.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_sam
 from moco_mgd.training.schedules import learning_rate, set_learning_rate
 from moco_mgd.evaluation.features import extract_features
 from moco_mgd.evaluation.knn import KNN_T, knn_features_accuracy
+from moco_mgd.training.flags import MocoRunConfig
 from moco_mgd.runtime.flag_checks import NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.loader_workers import shut_down_workers
@@ -53,31 +54,19 @@ SAVE_INTERVAL_S = 60.0
 
 
 @dataclass
-class LinclsConfig:
-    """Everything a linear-evaluation run depends on; stored in its checkpoints as a plain dict."""
+class LinclsConfig(MocoRunConfig):
+    """Everything a linear-evaluation run depends on; stored in its checkpoints as a plain dict. The fields
+    it shares with pretraining are :class:`~moco_mgd.training.flags.MocoRunConfig`'s; these defaults are
+    MoCo's main_lincls.py."""
 
-    data: str = ""
-    dataset: str = "imagefolder"
     arch: str = "resnet50"
-    workers: int = 32
     epochs: int = 100
-    start_epoch: int = 0
-    batch_size: int = 256
     lr: float = 30.0
     schedule: list[int] = field(default_factory=lambda: [60, 80])
-    momentum: float = 0.9
     weight_decay: float = 0.0
-    print_freq: int = 10
-    resume: str = ""
     evaluate: bool = False
-    seed: int | None = None
     pretrained: str = ""
-    output_dir: str = "."
-    image_size: int = 224
-    stem: str = "imagenet"
     cached_features: bool = False
-    max_images: int = 0
-    val_holdout: float = 0.0
     knn_k: int = 0
     knn_t: float = KNN_T   # the same default as pretraining's monitor and the kNN command
 

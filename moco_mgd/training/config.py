@@ -23,29 +23,17 @@ from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.data import build_dataset, check_same_classes
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import per_process_batch
+from moco_mgd.training.flags import MocoRunConfig
 from moco_mgd.training.schedules import matching_epochs
 
 __all__ = ["PretrainConfig", "validate", "check_resume", "build_moco", "build_embedding_distiller"]
 
 
 @dataclass
-class PretrainConfig:
-    """Everything a pretraining run depends on; stored in every checkpoint as a plain dict."""
+class PretrainConfig(MocoRunConfig):
+    """Everything a pretraining run depends on; stored in every checkpoint as a plain dict. MoCo's fields
+    and defaults are :class:`~moco_mgd.training.flags.MocoRunConfig`'s."""
 
-    data: str = ""
-    dataset: str = "imagefolder"
-    arch: str = "resnet18"
-    workers: int = 32
-    epochs: int = 200
-    start_epoch: int = 0
-    batch_size: int = 256
-    lr: float = 0.03
-    schedule: list[int] = field(default_factory=lambda: [120, 160])
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    print_freq: int = 10
-    resume: str = ""
-    seed: int | None = None
     moco_dim: int = 128
     moco_k: int = 65536
     moco_m: float = 0.999
@@ -53,8 +41,6 @@ class PretrainConfig:
     mlp: bool = False
     aug_plus: bool = False
     cos: bool = False
-    image_size: int = 224
-    stem: str = "imagenet"
     shuffle_bn_splits: int = 8
     zero_init_residual: bool = False
     embedding_bn: bool = False
@@ -77,13 +63,10 @@ class PretrainConfig:
     seed_queue: int = 65536
     seed_t: float = 0.2
     seed_teacher_t: float = 1e-4
-    output_dir: str = "."
     amp: str = "auto"
     channels_last: bool | None = None
     keep_checkpoints: int = 2
     max_skipped_images: int = 100
-    max_images: int = 0
-    val_holdout: float = 0.0
     crop_min: float = 0.2
     knn_freq: int = 0
     knn_k: int = KNN_K

@@ -1,12 +1,45 @@
-"""The flags both entry scripts share with MoCo's main_moco.py and main_lincls.py: one block, one place."""
+"""What the commands share: MoCo's flag block of both entry scripts, and the configuration fields behind the flags."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
 from moco_mgd.models.resnet import RESNET_ARCHS
 from moco_mgd.runtime import launch
 
-__all__ = ["add_moco_arguments"]
+__all__ = ["InputConfig", "MocoRunConfig", "add_moco_arguments"]
+
+
+@dataclass
+class InputConfig:
+    """The fields of every command's configuration that choose the network and its images."""
+
+    data: str = ""
+    dataset: str = "imagefolder"
+    arch: str = "resnet18"
+    stem: str = "imagenet"
+    image_size: int = 224
+    batch_size: int = 256
+    max_images: int = 0
+    val_holdout: float = 0.0
+
+
+@dataclass
+class MocoRunConfig(InputConfig):
+    """The fields of MoCo's flag block (:func:`add_moco_arguments`), with main_moco.py's defaults; main_lincls.py
+    overrides the optimisation's."""
+
+    workers: int = 32
+    epochs: int = 200
+    start_epoch: int = 0
+    lr: float = 0.03
+    schedule: list[int] = field(default_factory=lambda: [120, 160])
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    print_freq: int = 10
+    resume: str = ""
+    seed: int | None = None
+    output_dir: str = "."
 
 
 def add_moco_arguments(group: argparse._ArgumentGroup, *, data_help: str, arch_help: str, resume_help: str,
