@@ -12,13 +12,12 @@ timing on CPU cannot resolve. Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
 
 from moco_mgd.losses.embedding import EmbeddingDistiller
-from moco_mgd.reporting.timing import measure
+from moco_mgd.reporting.timing import device_name, measure
 
 LOSSES = {
     "CCKD (rbf-taylor, P=2)": {"cckd_weight": 1.0},
@@ -59,7 +58,7 @@ def main() -> None:
         rows.append((name.format(queue=f"{args.queue:,}"), seconds, peak_gpu))
 
     gpu = device.type == "cuda"
-    where = torch.cuda.get_device_name(device) if gpu else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    where = device_name(device)
     print(f"device: {device.type} ({where}); torch {torch.__version__}; batch {args.batch_size}, dim {args.dim}; "
           f"fp32; median of {args.iters}")
     print("| loss, forward + backward | ms | peak GPU memory (GiB) |")

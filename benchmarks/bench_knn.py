@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import resource
 import shlex
 import sys
@@ -32,6 +31,7 @@ from torch.utils.data import TensorDataset
 from moco_mgd.models.resnet import STEMS, build_resnet
 from moco_mgd.evaluation.features import extract_features
 from moco_mgd.evaluation.knn import knn_classify
+from moco_mgd.reporting.timing import device_name
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -137,10 +137,7 @@ def main() -> None:
 
     import faiss
 
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = device_name(device)
     print(f"command: `{shlex.join(['python'] + sys.argv)}`  ")
     print(f"device: {device.type} ({name}); torch {torch.__version__}; faiss {faiss.__version__}; "
           f"date {datetime.date.today().isoformat()}")

@@ -15,14 +15,13 @@ measures MGD alone, not the networks. Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
 
 from moco_mgd.losses import mgd
 from moco_mgd.losses.mgd_distiller import MGDistiller
-from moco_mgd.reporting.timing import measure
+from moco_mgd.reporting.timing import device_name, measure
 
 STUDENT = (64, 128, 256, 512)       # resnet18 / resnet34
 TEACHER = (256, 512, 1024, 2048)    # resnet50
@@ -76,10 +75,7 @@ def main() -> None:
         rows.append((f"MGD loss fwd+bwd, {reducer}, batch {args.batch_size}", seconds,
                      f"{args.batch_size / seconds:,.0f} img/s"))
 
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = device_name(device)
     print(f"device: {device.type} ({name}); torch {torch.__version__}; features {args.dtype}; "
           f"median of {args.repeats}")
     print("| what | time (ms) | throughput |")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import platform
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -33,7 +32,7 @@ from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
 from moco_mgd.training.engine import training_step
 from moco_mgd.models.moco import MoCo
-from moco_mgd.reporting.timing import current_rss_bytes, measure, peak_rss_bytes
+from moco_mgd.reporting.timing import current_rss_bytes, device_name, measure, peak_rss_bytes
 
 # (row name, MGD on, EmbeddingDistiller kwargs, student MLP hidden width): the training steps timed.
 STEPS = {
@@ -136,7 +135,7 @@ def main() -> None:
             rows.append(pool.submit(run_config, config, args).result())
     threads = rows[0][5]
 
-    name = torch.cuda.get_device_name(device) if gpu else f"{platform.machine()}, {threads} threads"
+    name = device_name(device, threads)
     print(f"device: {device.type} ({name}); torch {torch.__version__}; {s} px; batch {b}; "
           f"{'bf16 autocast, channels_last' if gpu else 'fp32'}; median of {args.iters}; "
           f"each configuration in a fresh process")

@@ -1,11 +1,19 @@
 """Timing for the benchmarks and the GPU acceptance run: warm-up, device sync, median, peak GPU and host memory."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+
+def device_name(device: torch.device, threads: int | None = None) -> str:
+    """How a benchmark's table names its device: the GPU's name, or the CPU and its torch threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {threads or torch.get_num_threads()} threads"
 
 
 def sync(device: torch.device) -> None:
