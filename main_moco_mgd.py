@@ -15,7 +15,8 @@ from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
 from moco_mgd.runtime import launch
 from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.runtime.precision import AMP_MODES
-from moco_mgd.training.config import PretrainConfig, validate
+from moco_mgd.training.checks import validate
+from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.flags import add_moco_arguments
 from moco_mgd.training.pretrain import pretrain
 

@@ -68,7 +68,7 @@ def _entry(name: str):
 def _worker_and_check(name: str):
     if name == "pretrain":
         from moco_mgd.training.pretrain import pretrain
-        from moco_mgd.training.config import validate
+        from moco_mgd.training.checks import validate
 
         return pretrain, validate
     from moco_mgd.evaluation.lincls import check_config, linear_eval

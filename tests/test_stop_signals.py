@@ -15,7 +15,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.data import ResumableSampler, SeededSamples
 from moco_mgd.runtime.stopping import StopRequest, exit_code
-from moco_mgd.training.config import PretrainConfig, check_resume
+from moco_mgd.training.checks import check_resume
+from moco_mgd.training.config import PretrainConfig
 from tests.helpers import run_distributed
 
 

@@ -20,7 +20,8 @@ import torch.nn as nn
 from moco_mgd.models.resnet import RESNET_ARCHS, build_resnet
 
 __all__ = ["load_checkpoint_file", "backbone_state_dict", "guess_arch", "load_backbone_weights",
-           "load_pretrained_backbone", "build_head", "load_frozen_backbone", "load_frozen_teacher"]
+           "load_pretrained_backbone", "build_head", "load_frozen_backbone", "load_frozen_teacher",
+           "check_pretraining_checkpoint"]
 
 # Key prefixes of a query encoder, most specific first.
 _ENCODER_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.",
@@ -229,3 +230,20 @@ def load_frozen_teacher(arch: str, checkpoint_path: str | os.PathLike, stem: str
     model is in eval mode with ``requires_grad=False`` everywhere. Keep it out of DDP and call it under ``torch.no_grad()``.
     """
     return load_frozen_backbone(arch, checkpoint_path, stem, what="teacher checkpoint", with_head=with_head)
+
+
+def check_pretraining_checkpoint(checkpoint: Mapping, path: str) -> None:
+    """A MoCo pretraining checkpoint (``module.encoder_q.*``), not a linear evaluation's or a bare network's."""
+    state = checkpoint.get("state_dict")
+    keys = sorted(state) if isinstance(state, dict) else sorted(checkpoint)
+    if isinstance(state, dict) and any(k.startswith("module.encoder_q.") for k in keys):
+        return
+    expected = ("--resume takes a checkpoint_NNNN.pth.tar that main_moco_mgd.py wrote (or leave it out to go on "
+                "from the newest in --output-dir)")
+    if "best_acc1" in checkpoint:
+        raise ValueError(f"--resume {path!r} is a linear-evaluation checkpoint (main_lincls.py: a frozen backbone and "
+                         f"its trained fc, best top-1 {float(checkpoint['best_acc1']):.2f}), not a pretraining one. "
+                         f"{expected}; to go on with that linear evaluation, pass it to main_lincls.py --resume")
+    raise ValueError(f"--resume {path!r} is not a pretraining checkpoint: it holds no MoCo query encoder "
+                     f"(module.encoder_q.*; found {keys[:5]}{' ...' if len(keys) > 5 else ''}). {expected}; a "
+                     f"teacher goes to --teacher-checkpoint, weights to evaluate to main_lincls.py --pretrained")

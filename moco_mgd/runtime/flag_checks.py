@@ -1,6 +1,6 @@
 """Range checks of the numeric command-line flags, one table per entry script.
 
-Each entry script's check (:func:`moco_mgd.training.config.validate`, :func:`moco_mgd.evaluation.lincls.check_config`,
+Each entry script's check (:func:`moco_mgd.training.checks.validate`, :func:`moco_mgd.evaluation.lincls.check_config`,
 and :func:`moco_mgd.runtime.launch.run_main` for the launch flags) lists its flags as
 ``(flag, value, condition, what is allowed)`` rows and hands them to :func:`check_numbers`, which
 runs before any process starts or any file is written.

@@ -1,7 +1,7 @@
 """MoCo-v2 pretraining with MGD and the embedding losses: the run of one process.
 
 Every launch mode (one process, ``mp.spawn``, torchrun, SLURM) ends in :func:`pretrain`,
-with a configuration already checked by :func:`moco_mgd.training.config.validate`.
+with a configuration already checked by :func:`moco_mgd.training.checks.validate`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.logs import MetricsLog, furthest_logged, setup_logging
 from moco_mgd.runtime.loader_workers import ignore_stop_signals, shut_down_workers
 from moco_mgd.runtime.stopping import StopRequest, signal_names
-from moco_mgd.training.config import PretrainConfig, build_moco, check_resume
+from moco_mgd.training.checks import check_resume
+from moco_mgd.training.config import PretrainConfig, build_moco
 from moco_mgd.training.distillation import Distillation, PretrainModel, own_random_stream
 from moco_mgd.training.engine import EpochProgress, NonFiniteLossError, RunStopped, diagnostics_text, train_one_epoch
 from moco_mgd.training.run_state import restore_run_state, run_state
