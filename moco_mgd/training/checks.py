@@ -5,13 +5,14 @@ from __future__ import annotations
 from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.checkpoints.formats import check_pretraining_checkpoint, load_checkpoint_file, load_frozen_teacher
 from moco_mgd.data import build_dataset, check_same_classes
+from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.losses.mgd import REDUCERS
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS, MGDistiller
-from moco_mgd.models.resnet import arch_stage_channels
+from moco_mgd.models.resnet import arch_stage_channels, head_dim
 from moco_mgd.models.stages import check_image_size
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import per_process_batch
-from moco_mgd.training.config import PretrainConfig, build_embedding_distiller
+from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.schedules import matching_epochs
 
 __all__ = ["validate", "check_resume"]
@@ -72,7 +73,7 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         if config.use_mgd:
             MGDistiller.from_teacher(teacher, arch_stage_channels(config.arch))
         if config.use_embedding_losses:
-            build_embedding_distiller(config, teacher)
+            EmbeddingDistiller(config.moco_dim, head_dim(teacher), **config.embedding_arguments())
     resume = config.resume or ckpt.latest_checkpoint(config.output_dir)
     if resume:
         check_resume(load_checkpoint_file(resume, "--resume checkpoint"), config, str(resume), world_size)

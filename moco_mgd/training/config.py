@@ -9,16 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch.nn as nn
-
 from moco_mgd.evaluation.knn import KNN_K, KNN_T
-from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS
-from moco_mgd.models.moco import MoCo
-from moco_mgd.models.resnet import head_dim
 from moco_mgd.training.flags import MocoRunConfig
 
-__all__ = ["PretrainConfig", "build_moco", "build_embedding_distiller"]
+__all__ = ["PretrainConfig"]
 
 
 @dataclass
@@ -80,18 +75,27 @@ class PretrainConfig(MocoRunConfig):
     def use_teacher(self) -> bool:
         return self.use_mgd or (self.use_embedding_losses and bool(self.teacher_checkpoint))
 
+    # What the run builds from the configuration, as the builders' own arguments: the package code
+    # below takes these values, never the configuration.
 
-def build_moco(config: PretrainConfig) -> MoCo:
-    return MoCo(config.arch, config.moco_dim, config.moco_k, config.moco_m, config.moco_t, config.mlp,
-                shuffle_bn_splits=config.shuffle_bn_splits, stem=config.stem,
-                mlp_hidden_dim=config.mlp_hidden_dim or None, zero_init_residual=config.zero_init_residual,
-                embedding_bn=config.embedding_bn)
+    def moco_arguments(self) -> dict:
+        """The arguments of :class:`~moco_mgd.models.moco.MoCo`."""
+        return dict(arch=self.arch, dim=self.moco_dim, K=self.moco_k, m=self.moco_m, T=self.moco_t, mlp=self.mlp,
+                    shuffle_bn_splits=self.shuffle_bn_splits, stem=self.stem,
+                    mlp_hidden_dim=self.mlp_hidden_dim or None, zero_init_residual=self.zero_init_residual,
+                    embedding_bn=self.embedding_bn)
 
+    def mgd_arguments(self) -> dict | None:
+        """The options of :class:`~moco_mgd.losses.mgd_distiller.MGDistiller`; None with MGD off."""
+        if not self.use_mgd:
+            return None
+        return dict(reducer=self.mgd_reducer, loss_factor=self.mgd_loss_factor, stage_weights=self.mgd_stage_weights)
 
-def build_embedding_distiller(config: PretrainConfig, teacher: nn.Module) -> EmbeddingDistiller:
-    """The embedding losses of ``config``, between the student's head and ``teacher``'s (with its head)."""
-    return EmbeddingDistiller(
-        config.moco_dim, head_dim(teacher), cckd_weight=config.cckd_weight, cckd_kernel=config.cckd_kernel,
-        cckd_gamma=config.cckd_gamma, cckd_order=config.cckd_order, disco_weight=config.disco_weight,
-        disco_both_views=config.disco_both_views, seed_weight=config.seed_weight, seed_queue=config.seed_queue,
-        seed_t=config.seed_t, seed_teacher_t=config.seed_teacher_t)
+    def embedding_arguments(self) -> dict | None:
+        """The options of :class:`~moco_mgd.losses.embedding.EmbeddingDistiller`; None with its losses off."""
+        if not self.use_embedding_losses:
+            return None
+        return dict(cckd_weight=self.cckd_weight, cckd_kernel=self.cckd_kernel, cckd_gamma=self.cckd_gamma,
+                    cckd_order=self.cckd_order, disco_weight=self.disco_weight, disco_both_views=self.disco_both_views,
+                    seed_weight=self.seed_weight, seed_queue=self.seed_queue, seed_t=self.seed_t,
+                    seed_teacher_t=self.seed_teacher_t)

@@ -25,11 +25,9 @@ from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
 from moco_mgd.models.moco import MoCo, MoCoOutput
 from moco_mgd.checkpoints.formats import load_frozen_teacher
-from moco_mgd.models.resnet import resnet_trunk
+from moco_mgd.models.resnet import head_dim, resnet_trunk
 from moco_mgd.models.stages import forward_with_stages
 from moco_mgd.runtime.logs import MetricsLog
-from moco_mgd.training.config import PretrainConfig, build_embedding_distiller
-from moco_mgd.training.schedules import matching_epochs
 
 __all__ = ["TeacherTargets", "StepLosses", "DistillationLoss", "PretrainModel", "Distillation", "own_random_stream"]
 
@@ -159,31 +157,37 @@ class Distillation:
             raise ValueError("distillation losses need a teacher")
 
     @classmethod
-    def from_config(cls, config: PretrainConfig, student: nn.Module, device: torch.device,
-                    memory_format: torch.memory_format = torch.contiguous_format, seed: int = 0) -> Distillation:
-        """The distillation ``config`` asks for, toward ``student`` (MoCo's query encoder); off without a teacher.
+    def build(cls, student: nn.Module, device: torch.device, *, teacher_arch: str, teacher_checkpoint: str,
+              stem: str, mgd: dict | None, embedding: dict | None, embedding_dim: int, match_epochs: Iterable[int],
+              fixed_matching: bool, memory_format: torch.memory_format = torch.contiguous_format,
+              seed: int = 0) -> Distillation:
+        """The distillation toward ``student`` (MoCo's query encoder); off without ``teacher_checkpoint``.
 
-        Everything it builds draws from streams seeded by ``seed`` alone (see the class doc):
-        the global stream leaves this call as it came in.
+        Args:
+            teacher_arch, teacher_checkpoint, stem: the frozen teacher ("" checkpoint: no distillation).
+            mgd: :class:`MGDistiller`'s options, or None for no MGD.
+            embedding: :class:`EmbeddingDistiller`'s options, or None for no embedding losses (the teacher
+                then loses its head).
+            embedding_dim: the student's embedding size.
+            match_epochs, fixed_matching: as the class's.
+            seed: everything built here draws from streams seeded by it alone (see the class doc):
+                the global stream leaves this call as it came in.
         """
-        if not config.use_teacher:
+        if not teacher_checkpoint:
             return cls()
         with own_random_stream(seed, device):
             # The teacher's architecture is initialised before its weights are loaded, and the
             # embedding heads and SEED's queue are drawn: none of it may move the student's stream.
-            teacher = load_frozen_teacher(config.teacher_arch, config.teacher_checkpoint, stem=config.stem,
-                                          with_head=config.use_embedding_losses)
+            teacher = load_frozen_teacher(teacher_arch, teacher_checkpoint, stem=stem, with_head=embedding is not None)
             teacher = teacher.to(device, memory_format=memory_format)
-            mgd = embedding = None
-            if config.use_mgd:
-                mgd = MGDistiller.from_models(teacher, student, reducer=config.mgd_reducer,
-                                              loss_factor=config.mgd_loss_factor,
-                                              stage_weights=config.mgd_stage_weights).to(device)
-            if config.use_embedding_losses:
-                embedding = build_embedding_distiller(config, teacher).to(device)
+            mgd_loss = embedding_loss = None
+            if mgd is not None:
+                mgd_loss = MGDistiller.from_models(teacher, student, **mgd).to(device)
+            if embedding is not None:
+                embedding_loss = EmbeddingDistiller(embedding_dim, head_dim(teacher), **embedding).to(device)
         generator = torch.Generator(device=device).manual_seed(seed + DRAWS_SEED_OFFSET)
-        return cls(teacher, DistillationLoss(mgd, embedding), matching_epochs(config.mgd_schedule, config.epochs),
-                   fixed_matching=config.mgd_schedule.strip() == "none", generator=generator)
+        return cls(teacher, DistillationLoss(mgd_loss, embedding_loss), match_epochs, fixed_matching=fixed_matching,
+                   generator=generator)
 
     @property
     def mgd(self) -> MGDistiller | None:

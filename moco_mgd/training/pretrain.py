@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from moco_mgd.evaluation.knn import knn_evaluate
 from moco_mgd.losses.embedding import EMBEDDING_LOSSES
 from moco_mgd.checkpoints.formats import load_checkpoint_file
+from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import resnet_trunk
 from moco_mgd.models.stages import degenerate_image_size
 from moco_mgd.checkpoints import files as ckpt
@@ -31,11 +32,11 @@ from moco_mgd.runtime.logs import MetricsLog, furthest_logged, setup_logging
 from moco_mgd.runtime.loader_workers import ignore_stop_signals, shut_down_workers
 from moco_mgd.runtime.stopping import StopRequest, signal_names
 from moco_mgd.training.checks import check_resume
-from moco_mgd.training.config import PretrainConfig, build_moco
+from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.distillation import Distillation, PretrainModel, own_random_stream
 from moco_mgd.training.engine import EpochProgress, NonFiniteLossError, RunStopped, diagnostics_text, train_one_epoch
 from moco_mgd.training.run_state import restore_run_state, run_state
-from moco_mgd.training.schedules import learning_rate, set_learning_rate
+from moco_mgd.training.schedules import learning_rate, matching_epochs, set_learning_rate
 
 __all__ = ["pretrain"]
 
@@ -80,8 +81,13 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batch = per_process_batch(config.batch_size, env.local_world_size)
 
-    model = build_moco(config).to(device, memory_format=memory_format)
-    distillation = Distillation.from_config(config, model.encoder_q, device, memory_format, seed)
+    model = MoCo(**config.moco_arguments()).to(device, memory_format=memory_format)
+    distillation = Distillation.build(
+        model.encoder_q, device, teacher_arch=config.teacher_arch,
+        teacher_checkpoint=config.teacher_checkpoint if config.use_teacher else "", stem=config.stem,
+        mgd=config.mgd_arguments(), embedding=config.embedding_arguments(), embedding_dim=config.moco_dim,
+        match_epochs=matching_epochs(config.mgd_schedule, config.epochs),
+        fixed_matching=config.mgd_schedule.strip() == "none", memory_format=memory_format, seed=seed)
     mgd = distillation.mgd
     pretrain_model = PretrainModel(model, distillation.loss, distillation.generator)
     # The MoCo parameters first, then MGD's student BNs: the optimizer state of every checkpoint so far.
@@ -167,7 +173,7 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
                                         autocast_dtype, channels_last, config.print_freq, metrics, resumed, stop)
             except RunStopped as stopped:
                 _save_at_stop(stopped, config, env, output_dir, metrics, sampler.batches_per_epoch(),
-                              run_state(epoch, config, model, optimizer, scaler, distillation, stopped.progress,
+                              run_state(epoch, config.arch, config.to_dict(), model, optimizer, scaler, distillation, stopped.progress,
                                         env.world_size) if env.is_main else None)
                 return stopped.signals
             metrics.log("epoch", epoch=epoch, lr=lr, **means)
@@ -175,7 +181,7 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
             if knn_sets is not None and (epoch + 1) % config.knn_freq == 0:
                 knn_monitor(resnet_trunk(model.encoder_q), "knn", epoch + 1)
             if env.is_main:
-                state = run_state(epoch + 1, config, model, optimizer, scaler, distillation)
+                state = run_state(epoch + 1, config.arch, config.to_dict(), model, optimizer, scaler, distillation)
                 path = ckpt.save_checkpoint(state, ckpt.checkpoint_path(output_dir, epoch), config.keep_checkpoints)
                 logger.info(f"epoch {epoch} done: InfoNCE {means['infonce']:.4f}"
                             + (f" MGD {means['mgd']:.4f}" if mgd else "")

@@ -15,25 +15,26 @@ import torch
 
 from moco_mgd.models.moco import MoCo
 from moco_mgd.checkpoints import files as ckpt
-from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.distillation import Distillation
 from moco_mgd.training.engine import EpochProgress
 
 __all__ = ["run_state", "restore_run_state"]
 
 
-def run_state(epochs_done: int, config: PretrainConfig, moco: MoCo, optimizer: torch.optim.Optimizer,
+def run_state(epochs_done: int, arch: str, config: dict, moco: MoCo, optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, distillation: Distillation, progress: EpochProgress | None = None,
               world_size: int = 1) -> dict:
-    """The checkpoint of a run after ``epochs_done`` epochs (and ``progress`` into the next one)."""
+    """The checkpoint of a run after ``epochs_done`` epochs (and ``progress`` into the next one).
+
+    ``arch`` is the student's architecture and ``config`` the run's configuration as a plain dict."""
     mid_epoch = {} if progress is None else {"iteration": progress.iteration, "epoch_progress": progress.state_dict(),
                                              "world_size": world_size}
     return {
-        "epoch": epochs_done, "arch": config.arch,
+        "epoch": epochs_done, "arch": arch,
         "state_dict": ckpt.with_module_prefix(moco.state_dict()),
         "optimizer": optimizer.state_dict(),
         **distillation.state_dict(),
-        "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "config": config.to_dict(),
+        "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "config": config,
         **mid_epoch,
     }
 
