@@ -40,7 +40,8 @@ from moco_mgd.runtime import distributed
 from moco_mgd.runtime.launch import free_local_port
 from moco_mgd.models.resnet import STEMS, build_resnet
 from moco_mgd.losses.mgd import REDUCERS
-from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.matching import collect_matching_costs
 
 
 def _cpu_model() -> str:

@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.models.stages import forward_with_stages

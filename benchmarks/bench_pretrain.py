@@ -27,7 +27,8 @@ import torch
 
 
 from moco_mgd.models.resnet import build_resnet
-from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
 from moco_mgd.training.engine import training_step

@@ -5,7 +5,8 @@ from moco_mgd.runtime import distributed
 
 from moco_mgd.losses import mgd
 from moco_mgd.models.resnet import build_resnet
-from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.models.stages import forward_with_stages
 from tests.helpers import randomize_bn, run_distributed
 

@@ -9,7 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moco_mgd.losses.embedding import EmbeddingDistiller
-from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel

@@ -95,6 +95,7 @@ COMPAT_EDGES = {
     (f"{PACKAGE}.runtime.results", f"{PACKAGE}.reporting.results"),
     (f"{PACKAGE}.runtime.checkpoint", f"{PACKAGE}.checkpoints.files"),
     (f"{PACKAGE}.models.resnet", f"{PACKAGE}.checkpoints.formats"),
+    (f"{PACKAGE}.losses.mgd_distiller", f"{PACKAGE}.training.matching"),
 }
 
 

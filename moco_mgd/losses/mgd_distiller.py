@@ -9,14 +9,14 @@ and out of the student's checkpoint.
 Coordinate descent::
 
     distiller = MGDistiller.from_models(teacher, student_encoder)
-    collect_matching_costs(distiller, student, teacher, loader, max_images)
+    collect_matching_costs(distiller, student, teacher, loader, max_images)   # moco_mgd.training.matching
     distiller.update_matching()              # solve Eq. 9 on every stage
     ... train: loss = task_loss + distiller(student_stages, teacher_stages)[0] ...
     (re-collect and update on the matching schedule)
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +25,9 @@ import torch.nn as nn
 from moco_mgd.runtime import distributed
 
 from moco_mgd.losses import mgd
-from moco_mgd.models.stages import STAGES, forward_with_stages, pre_relu_bns, stage_channels
+from moco_mgd.models.stages import STAGES, pre_relu_bns, stage_channels
 
-__all__ = ["DEFAULT_STAGE_WEIGHTS", "StageMatching", "MGDistiller", "collect_matching_costs"]
+__all__ = ["DEFAULT_STAGE_WEIGHTS", "StageMatching", "MGDistiller"]
 
 # The authors weight the stages 1/8, 1/4, 1/2, 1 from the first to the last: early maps
 # are larger, and their summed loss would otherwise dominate.
@@ -277,50 +277,10 @@ class MGDistiller(nn.Module):
         return per_stage.sum(), per_stage.detach()
 
 
-@torch.no_grad()
-def collect_matching_costs(
-    distiller: MGDistiller,
-    student: nn.Module,
-    teacher: nn.Module,
-    batches: Iterable,
-    max_images: int | None = None,
-    device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> int:
-    """Feed images to both networks in eval mode and accumulate the matching costs.
-
-    Under DDP give each rank its own shard of the images (a ``DistributedSampler``) and
-    ``max_images`` divided by the world size: :meth:`MGDistiller.update_matching` sums the
-    statistics of all ranks.
-
-    Args:
-        batches: iterable of image tensors or of ``(images, ...)`` tuples.
-        max_images: stop after this many images on this rank (``None``: all of them).
-        device: where to run the networks (default: where the student's weights are).
-        autocast_dtype: run the forwards under autocast with this dtype (e.g. bf16 on GPU).
-
-    Returns:
-        The number of images this rank accumulated.
-    """
-    device = torch.device(device) if device is not None else next(student.parameters()).device
-    was_training = student.training
-    student.eval()
-    teacher.eval()
-    distiller.reset_costs()
-    seen = 0
-    try:
-        for batch in batches:
-            if max_images is not None and seen >= max_images:
-                break
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if max_images is not None:
-                images = images[: max_images - seen]
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                student_stages = forward_with_stages(student, images)[1]
-                teacher_stages = forward_with_stages(teacher, images)[1]
-            distiller.accumulate(student_stages, teacher_stages)
-            seen += images.shape[0]
-    finally:
-        student.train(was_training)
-    return seen
+# Moved to moco_mgd.training.matching (running both networks is the run's work, not the loss's); the
+# old name resolves there only until experiments/ import from there.
+def __getattr__(name: str):
+    if name == "collect_matching_costs":
+        from moco_mgd.training.matching import collect_matching_costs
+        return collect_matching_costs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

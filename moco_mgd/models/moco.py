@@ -18,7 +18,7 @@ from moco_mgd.models.resnet import apply_small_stem, build_resnet
 from moco_mgd.models.stages import forward_with_stages
 from moco_mgd.runtime import distributed
 
-__all__ = ["MoCo", "MoCoOutput", "apply_small_stem", "contrastive_diagnostics"]
+__all__ = ["MoCo", "MoCoOutput", "apply_small_stem", "infonce", "contrastive_diagnostics"]
 
 
 def _mlp_head(fc: nn.Linear, hidden_dim: int | None = None, embedding_bn: bool = False) -> nn.Sequential:
@@ -251,6 +251,11 @@ class MoCo(nn.Module):
 
 
 @torch.no_grad()
+def infonce(output: MoCoOutput) -> torch.Tensor:
+    """InfoNCE (MoCo Eq. 1): cross-entropy of the logits (already divided by T) toward the positive, in fp32."""
+    return F.cross_entropy(output.logits.float(), output.labels)
+
+
 def contrastive_diagnostics(output: MoCoOutput, T: float) -> dict[str, torch.Tensor]:
     """Is InfoNCE falling because images are told apart, or because "now" is told from "earlier"?
 

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 
 from moco_mgd.losses.embedding import EmbeddingDistiller
-from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
-from moco_mgd.models.moco import MoCo, MoCoOutput
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.matching import collect_matching_costs
+from moco_mgd.models.moco import MoCo, MoCoOutput, infonce
 from moco_mgd.checkpoints.formats import load_frozen_teacher
 from moco_mgd.models.resnet import head_dim, resnet_trunk
 from moco_mgd.models.stages import forward_with_stages
@@ -71,6 +72,7 @@ class StepLosses(NamedTuple):
     mgd: torch.Tensor | None = None            # MGD's loss (with gradient), when on
     mgd_per_stage: torch.Tensor | None = None  # its weighted loss per stage (detached)
     embedding: dict[str, torch.Tensor] = {}    # each embedding loss unweighted (detached)
+    temperature: float | None = None           # MoCo's T, which divided the logits (for the diagnostics)
 
 
 class DistillationLoss(nn.Module):
@@ -124,8 +126,8 @@ class PretrainModel(nn.Module):
         loss_module = self.distillation_loss
         moco = self.moco(im_q, im_k, query_on_key_view=loss_module.needs_key_view,
                          with_stages=loss_module.needs_stages)
-        infonce = nn.functional.cross_entropy(moco.logits.float(), moco.labels)
-        return loss_module(moco, targets, infonce, self.generator)
+        losses = loss_module(moco, targets, infonce(moco), self.generator)
+        return losses._replace(temperature=self.moco.T)
 
 
 class Distillation:

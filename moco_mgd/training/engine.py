@@ -112,11 +112,10 @@ def training_step(
         targets = distillation.teacher_targets(im_q, im_k)
         losses = model(im_q, im_k, targets)
     loss, logits, labels = losses.loss, losses.moco.logits, losses.moco.labels
-    moco_module = getattr(model, "module", model).moco
     out = StepOutput(loss.detach(), losses.infonce.detach(),
                      (logits.detach().argmax(1) == labels).float().mean() * 100,
                      None if losses.mgd is None else losses.mgd.detach(), losses.mgd_per_stage, losses.embedding,
-                     contrastive_diagnostics(losses.moco, moco_module.T))
+                     contrastive_diagnostics(losses.moco, losses.temperature))
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
