@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, run in runs.items():
         axis.plot([epoch * run["steps_per_epoch"] for epoch, _ in run["knn"]], [top1 for _, top1 in run["knn"]],
                   marker="o", label=name)
-    for shape, floor in floors.items():
-        axis.axhline(floor["knn"], linestyle="--", color="grey")
-        axis.annotate(f"random weights ({shape})", (0, floor["knn"]), fontsize=7, va="bottom")
+    for (shape, floor), style in zip(floors.items(), ("--", ":", "-.")):
+        axis.axhline(floor["knn"], linestyle=style, color="grey", label=f"random weights, {shape}")
     axis.set_xlabel("training steps")
     axis.set_ylabel("kNN top-1 on the held-out images")
     axis.legend(fontsize=7)
