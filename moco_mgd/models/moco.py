@@ -250,12 +250,12 @@ class MoCo(nn.Module):
         return MoCoOutput(logits, labels, q_raw, k, q_key_view, q_stages)
 
 
-@torch.no_grad()
 def infonce(output: MoCoOutput) -> torch.Tensor:
     """InfoNCE (MoCo Eq. 1): cross-entropy of the logits (already divided by T) toward the positive, in fp32."""
     return F.cross_entropy(output.logits.float(), output.labels)
 
 
+@torch.no_grad()
 def contrastive_diagnostics(output: MoCoOutput, T: float) -> dict[str, torch.Tensor]:
     """Is InfoNCE falling because images are told apart, or because "now" is told from "earlier"?
 
