@@ -30,25 +30,19 @@ from torch.utils.data import DataLoader
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet
 from moco_mgd.runtime.data import DATASETS, VAL_HOLDOUT_HELP, build_dataset, eval_transform, random_subset
 from moco_mgd.runtime.logs import MetricsLog, setup_logging
-from supervised_teacher import TEACHER_FILE
+from supervised_teacher import TEACHER_FILE, add_teacher_arguments
 
 logger = logging.getLogger("moco_mgd")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", metavar="DATA", nargs="?", default="",
-                        help="image folders (train/CLASS/*), or the Fashion-MNIST IDX directory")
-    parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
-    parser.add_argument("-a", "--arch", default="resnet50", choices=RESNET_ARCHS)
-    parser.add_argument("--stem", default="imagenet", choices=STEMS)
-    parser.add_argument("--image-size", default=224, type=int)
+    parser = add_teacher_arguments(argparse.ArgumentParser(description=__doc__,
+                                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="re-estimate every BN's running statistics on the training images")
     parser.add_argument("-b", "--batch-size", default=64, type=int)
     parser.add_argument("--max-images", default=0, type=int,
                         help="the --max-images subset of main_moco_mgd.py with the same --seed (0: all)")
-    parser.add_argument("--val-holdout", default=0.0, type=float, help=VAL_HOLDOUT_HELP)
     parser.add_argument("--seed", default=0, type=int, help="of the weights and of the --max-images draw")
     parser.add_argument("-j", "--workers", default=2, type=int)
     parser.add_argument("--output-dir", required=True)

@@ -42,14 +42,21 @@ logger = logging.getLogger("moco_mgd")
 TEACHER_FILE = "teacher.pth"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_teacher_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every teacher-making script shares: the images and the network's shape."""
     parser.add_argument("data", metavar="DATA", nargs="?", default="",
                         help="image folders (train/CLASS/*), or the Fashion-MNIST IDX directory")
     parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
     parser.add_argument("-a", "--arch", default="resnet50", choices=RESNET_ARCHS)
     parser.add_argument("--stem", default="imagenet", choices=STEMS)
     parser.add_argument("--image-size", default=224, type=int)
+    parser.add_argument("--val-holdout", default=0.0, type=float, help=VAL_HOLDOUT_HELP)
+    return parser
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = add_teacher_arguments(argparse.ArgumentParser(description=__doc__,
+                                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--epochs", default=8, type=int)
     parser.add_argument("-b", "--batch-size", default=64, type=int)
     parser.add_argument("--lr", default=2e-3, type=float,
@@ -58,7 +65,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", default=0, type=int,
                         help="train on a random subset of this many images (0: all); the subset of "
                              "main_moco_mgd.py --max-images with the same --seed")
-    parser.add_argument("--val-holdout", default=0.0, type=float, help=VAL_HOLDOUT_HELP)
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("-j", "--workers", default=2, type=int)
     parser.add_argument("-p", "--print-freq", default=50, type=int)
