@@ -30,9 +30,9 @@ from functools import partial
 from pathlib import Path
 
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS
-from moco_mgd.runtime import plots
-from moco_mgd.runtime.data import FASHION_MNIST_DIR, VAL_HOLDOUT_HELP, evaluated_on, find_fashion_mnist
-from moco_mgd.runtime.results import read_result, results_table, run_result, summary_line, write_result
+from moco_mgd.reporting import plots
+from moco_mgd.data import FASHION_MNIST_DIR, VAL_HOLDOUT_HELP, evaluated_on, find_fashion_mnist
+from moco_mgd.reporting.results import read_result, results_table, run_result, summary_line, write_result
 from supervised_teacher import TEACHER_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def adopted_teacher_epochs(path: str) -> int:
     """The epochs a MoCo-layout checkpoint was trained for (its ``epoch``: the next one to run)."""
-    from moco_mgd.models.resnet import load_checkpoint_file
+    from moco_mgd.checkpoints.formats import load_checkpoint_file
 
     checkpoint = load_checkpoint_file(path, "--teacher-checkpoint")
     epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None

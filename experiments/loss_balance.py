@@ -20,10 +20,12 @@ import torch
 import torch.nn as nn
 
 
-from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, load_frozen_teacher, load_pretrained_backbone
-from moco_mgd.runtime.data import DATASETS, TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
+from moco_mgd.checkpoints.formats import load_frozen_teacher, load_pretrained_backbone
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS
+from moco_mgd.data import DATASETS, TwoCropsTransform, build_dataset, eval_transform, pretrain_transform, random_subset
 from moco_mgd.losses.mgd import REDUCERS
-from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.losses.embedding import EmbeddingDistiller
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.stages import forward_with_stages

@@ -20,9 +20,11 @@ import torch
 
 
 from moco_mgd.losses import mgd
-from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet, load_frozen_teacher, load_pretrained_backbone
-from moco_mgd.runtime.data import DATASETS, build_dataset, eval_transform, random_subset
-from moco_mgd.losses.mgd_distiller import MGDistiller, collect_matching_costs
+from moco_mgd.checkpoints.formats import load_frozen_teacher, load_pretrained_backbone
+from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet
+from moco_mgd.data import DATASETS, build_dataset, eval_transform, random_subset
+from moco_mgd.losses.mgd_distiller import MGDistiller
+from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.models.stages import STAGES, forward_with_stages
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet
-from moco_mgd.runtime.data import DATASETS, VAL_HOLDOUT_HELP, build_dataset, eval_transform, random_subset
+from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP, build_dataset, eval_transform, random_subset
 from moco_mgd.runtime.logs import MetricsLog, setup_logging
 from supervised_teacher import TEACHER_FILE, add_teacher_arguments
 

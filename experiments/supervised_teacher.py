@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 
-from moco_mgd.runtime import checkpoint as ckpt
+from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet
-from moco_mgd.runtime.data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, VAL_HOLDOUT_HELP, build_dataset,
+from moco_mgd.data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, VAL_HOLDOUT_HELP, build_dataset,
                                    random_subset)
 from moco_mgd.training.schedules import set_learning_rate
 from moco_mgd.runtime.logs import MetricsLog, setup_logging

@@ -17,7 +17,7 @@ import argparse
 import math
 from pathlib import Path
 
-from moco_mgd.runtime.results import paired_differences, read_result, summarize, t_interval
+from moco_mgd.reporting.results import paired_differences, read_result, summarize, t_interval
 
 PROBES = (("knn_top1", "kNN"), ("linear_top1", "linear"))
 

@@ -87,22 +87,9 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     return own - {name}
 
 
-# Old import paths that experiments/ still use, each forwarding to the module's new home; an edge
-# listed here is left out of the graph, and goes when experiments/ import from the new home.
-COMPAT_EDGES = {
-    (f"{PACKAGE}.runtime.data", f"{PACKAGE}.data"),
-    (f"{PACKAGE}.runtime.plots", f"{PACKAGE}.reporting.plots"),
-    (f"{PACKAGE}.runtime.results", f"{PACKAGE}.reporting.results"),
-    (f"{PACKAGE}.runtime.checkpoint", f"{PACKAGE}.checkpoints.files"),
-    (f"{PACKAGE}.models.resnet", f"{PACKAGE}.checkpoints.formats"),
-    (f"{PACKAGE}.losses.mgd_distiller", f"{PACKAGE}.training.matching"),
-}
-
-
 def import_graph() -> dict[str, set[str]]:
     modules = package_modules()
-    return {name: {t for t in imported_modules(name, path, modules) if (name, t) not in COMPAT_EDGES}
-            for name, path in modules.items()}
+    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -231,7 +218,7 @@ def private_uses(path: Path, modules: dict[str, Path]) -> list[str]:
 def test_no_module_uses_another_modules_private_names(tmp_path):
     modules = package_modules()
     probe = tmp_path / "probe.py"
-    probe.write_text("from moco_mgd.models.resnet import _MOVED_TO_CHECKPOINTS\nfrom moco_mgd.runtime import launch\n"
+    probe.write_text("from moco_mgd.models.resnet import _STEM_CHOICES\nfrom moco_mgd.runtime import launch\n"
                      "launch._spawn\nlaunch.__name__\n")
     assert len(private_uses(probe, modules)) == 2     # the checker sees both forms, and not dunders
     offending = {name: uses for name, path in modules.items() if (uses := private_uses(path, modules))}

@@ -275,12 +275,3 @@ class MGDistiller(nn.Module):
             losses.append(self.stage_weights[i] * mgd.partial_l2(s, target, getattr(self, f"_group_margin{i}")))
         per_stage = torch.stack(losses) / (batch_size * self.loss_factor)
         return per_stage.sum(), per_stage.detach()
-
-
-# Moved to moco_mgd.training.matching (running both networks is the run's work, not the loss's); the
-# old name resolves there only until experiments/ import from there.
-def __getattr__(name: str):
-    if name == "collect_matching_costs":
-        from moco_mgd.training.matching import collect_matching_costs
-        return collect_matching_costs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -88,15 +88,3 @@ def head_dim(model: nn.Module) -> int:
     if not linears:
         raise ValueError(f"{type(model).__name__}.fc has no linear layer: the model was loaded without its head")
     return linears[-1].out_features
-
-
-# Moved to moco_mgd.checkpoints.formats; these names resolve there only until experiments/ import from there.
-_MOVED_TO_CHECKPOINTS = ("load_checkpoint_file", "backbone_state_dict", "load_backbone_weights",
-                         "load_pretrained_backbone", "build_head", "load_frozen_backbone", "load_frozen_teacher")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_CHECKPOINTS:
-        from moco_mgd.checkpoints import formats
-        return getattr(formats, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
