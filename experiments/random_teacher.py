@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, build_resnet
-from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP, build_dataset, eval_transform, random_subset
+from moco_mgd.models.resnet import build_resnet
+from moco_mgd.data import eval_transform
 from moco_mgd.runtime.logs import MetricsLog, setup_logging
-from supervised_teacher import TEACHER_FILE, add_teacher_arguments
+from supervised_teacher import TEACHER_FILE, add_teacher_arguments, teacher_images
 
 logger = logging.getLogger("moco_mgd")
 
@@ -75,14 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     setup_logging(output, 0)
-    try:
-        dataset = build_dataset(args.dataset, args.data, "train", eval_transform(args.image_size),
-                                val_holdout=args.val_holdout)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    classes = len(dataset.classes)
-    if args.max_images:
-        dataset = random_subset(dataset, args.max_images, args.seed)
+    dataset, classes = teacher_images(args, parser, eval_transform(args.image_size))
     torch.manual_seed(args.seed)
     model = build_resnet(args.arch, num_classes=classes, stem=args.stem)
     how = "as initialised"

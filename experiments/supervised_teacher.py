@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 
@@ -52,6 +52,17 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--image-size", default=224, type=int)
     parser.add_argument("--val-holdout", default=0.0, type=float, help=VAL_HOLDOUT_HELP)
     return parser
+
+
+def teacher_images(args: argparse.Namespace, parser: argparse.ArgumentParser, transform) -> tuple[Dataset, int]:
+    """The students' training images (the --max-images subset of the same --seed, from the kept part
+    with --val-holdout) and the number of classes; a bad --data or --dataset exits with the reason."""
+    try:
+        dataset = build_dataset(args.dataset, args.data, "train", transform, val_holdout=args.val_holdout)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    classes = len(dataset.classes)
+    return (random_subset(dataset, args.max_images, args.seed) if args.max_images else dataset), classes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -121,14 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    try:
-        dataset = build_dataset(args.dataset, args.data, "train", train_transform(args.image_size),
-                                val_holdout=args.val_holdout)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    classes = len(dataset.classes)
-    if args.max_images:
-        dataset = random_subset(dataset, args.max_images, args.seed)
+    dataset, classes = teacher_images(args, parser, train_transform(args.image_size))
     if len(dataset) < args.batch_size:
         parser.exit(2, f"{parser.prog}: error: {len(dataset)} training images are fewer than one batch "
                        f"(-b {args.batch_size})\n")
