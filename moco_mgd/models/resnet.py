@@ -4,7 +4,6 @@ Reading their weights from the checkpoint layouts on disk is :mod:`moco_mgd.chec
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torchvision.models import resnet as tv_resnet
 
