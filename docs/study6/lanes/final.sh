@@ -9,12 +9,15 @@
 #   random_match  control (a) with its first-epoch MGD loss matched to sup's through the factor: control (c)
 #   sup1, sup2    the teacher ladder: the supervised ResNet-50 after 1 and 2 epochs
 # Resumable: a finished run is not redone.
-#   LOSS_FACTOR=30 bash docs/study6/lanes/final.sh ROOT [ROW ...]      (from the repository root)
+#   bash docs/study6/lanes/final.sh ROOT [ROW ...]      (from the repository root)
+# The loss factor is the one select.sh's rule chose (ROOT/select/chosen_factor); LOSS_FACTOR=F overrides it.
 set -euo pipefail
-ROOT=${1:?output directory}/final; shift
+BASE=${1:?output directory}; ROOT=$BASE/final; shift
 ROWS=("$@"); [ ${#ROWS[@]} -gt 0 ] || ROWS=(base sup random random_bn random_match sup1 sup2)
 PY=${PYTHON:-.venv/bin/python}
-LF=${LOSS_FACTOR:?the loss factor chosen by select.sh}
+LF=${LOSS_FACTOR:-$(cat "$BASE/select/chosen_factor" 2>/dev/null || true)}
+[ -n "$LF" ] || { echo "no loss factor: run select.sh on ROOT first, or set LOSS_FACTOR" >&2; exit 2; }
+echo "loss factor $LF"
 RECIPE=(--images 2048 --image-size 32 --epochs 20 -b 64 --lr 0.0075 --moco-k 1024 --crop-min "${CROP_MIN:-0.8}"
         --knn-freq 4 --mgd-schedule authors --mgd-samples 2048 -j 2 --seeds 0 1 2)
 student() {  # DIR, then the teacher's flags
