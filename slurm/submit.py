@@ -149,10 +149,27 @@ class Trainer:
             init_method = f"tcp://{job.hostnames[0]}:{rendezvous_port(job.job_id, restart)}"
             if job.global_rank == 0:
                 print(f"rendezvous {init_method} (restart {restart})", flush=True)
-        stopped = run_worker(worker, config, env, "nccl", init_method)
+        try:
+            stopped = run_worker(worker, config, env, "nccl", init_method)
+        except Exception:
+            if self.entry == "pretrain":
+                self._how_to_go_on(config.output_dir, job.global_rank)
+            raise
         if stopped:
             self._after_stop(stopped)
         return config.output_dir
+
+    @staticmethod
+    def _how_to_go_on(output_dir: str, task: int) -> None:
+        """A task that failed (its own error, or a peer's death seen as a closed connection): SLURM
+        does not requeue a failed job, and a new job writes to a new ``%j`` directory unless told."""
+        from moco_mgd.checkpoints.files import latest_checkpoint
+
+        newest = latest_checkpoint(output_dir)
+        where = f"the newest complete checkpoint is {newest}" if newest else "no epoch was saved yet"
+        print(f"task {task} failed; {where}. To go on from it, submit the same command again with "
+              f"--output-dir {output_dir} (the failing task is named by srun in task 0's .err log)",
+              file=sys.stderr, flush=True)
 
     @staticmethod
     def _after_stop(stopped: frozenset[int]) -> None:

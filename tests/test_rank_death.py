@@ -3,8 +3,7 @@ at once (not after gloo's 30-minute collective timeout), its output names the de
 same command then resumes from the newest complete checkpoint and ends where an uninterrupted run
 does. And a rank that hangs: the other ranks give up after ``--dist-timeout``.
 
-The SLURM launcher is not covered here (a dead task under a local cluster is future work); its
-preemptions are in test_slurm.py.
+The SLURM launcher's dead task, and its preemptions, are in test_slurm.py (they need its cluster).
 """
 import os
 import re

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -393,3 +394,44 @@ def test_ten_preemptions_lose_nothing_and_end_bitwise_equal(slurm_cluster, teach
         _wait(job)
         assert reference.wait(timeout=JOB_TIMEOUT) == 0, reference.stderr.read()[-3000:]
         print(f"{tasks} task(s): {_check_ten_preemptions(job, tasks, out, straight)}")
+
+
+def test_a_task_killed_mid_epoch_ends_the_job_and_a_resubmission_resumes(slurm_cluster, tmp_path):
+    """``kill -9`` of task 1 of a 2-task job in epoch 1: the job ends well within a minute (not after
+    ``--dist-timeout``), its logs name the dead task, and submitting the same command again resumes
+    from epoch 0's checkpoint and ends with the weights of an uninterrupted 2-process run."""
+    from tests.test_pretrain import _assert_same_state, _records
+    from tests.test_rank_death import ENDS_WITHIN_S, _args, _rank_pids, _spawn
+
+    data = make_image_folder(str(tmp_path / "data"), splits=("train",), per_class=12)
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    reference = subprocess.Popen(_spawn(data, straight), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = ["pretrain", *_args(data, out), *_cpu_cluster_args(tmp_path / "jobs" / "%j", tasks=2)]
+    job = submit.main(command)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while (1, 0) not in _records(out):
+        assert time.monotonic() < deadline and not job.done(force_check=True), _logs(job)
+        time.sleep(0.05)
+    victim = _rank_pids(out)[1]
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    while not job.done(force_check=True):
+        if time.monotonic() - killed > ENDS_WITHIN_S:
+            subprocess.run(["scancel", str(job.job_id)])
+            pytest.fail(f"job {job.job_id} outlived its dead task by {ENDS_WITHIN_S} s:\n{_logs(job)}")
+        time.sleep(0.5)
+    print(f"\njob {job.job_id} ended {time.monotonic() - killed:.1f} s after task 1 was killed")
+    assert job.state not in ("COMPLETED", "RUNNING", "PENDING"), job.state
+    logs = _logs(job)
+    assert re.search(r"srun: error: \S+: task 1: Killed", logs), logs
+    assert (f"task 0 failed; the newest complete checkpoint is {out / 'checkpoint_0000.pth.tar'}. To go on from "
+            f"it, submit the same command again with --output-dir {out}") in Path(
+                job.paths.folder, f"{job.job_id}_0_log.err").read_text(), logs
+    assert not (out / "checkpoint_0001.pth.tar").exists()
+
+    again = submit.main(command)
+    assert Path(_wait(again)) == out
+    assert f"resumed from {out / 'checkpoint_0000.pth.tar'} at epoch 1" in (out / "log.txt").read_text()
+    assert reference.wait(timeout=JOB_TIMEOUT) == 0, reference.stderr.read()[-3000:]
+    _assert_same_state(_load(out / "checkpoint_0001.pth.tar"), _load(straight / "checkpoint_0001.pth.tar"))
