@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import main_moco_mgd
 from moco_mgd.checkpoints.files import checkpoint_path, list_checkpoints
 from slurm import submit
 from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint
