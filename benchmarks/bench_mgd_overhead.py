@@ -30,7 +30,7 @@ from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.models.stages import forward_with_stages
 from moco_mgd.reporting.timing import sync
-from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
+from moco_mgd.training.distillation import Distillation, PretrainModel
 from moco_mgd.training.engine import training_step
 
 
@@ -67,16 +67,14 @@ def build(args: argparse.Namespace) -> dict:
         return torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4)
 
     plain = moco_model()
-    plain_distillation = Distillation(None, DistillationLoss(None, None))
-    plain_model, plain_opt = PretrainModel(plain, plain_distillation.loss), optimizer(plain)
+    plain_model, plain_opt = PretrainModel(plain), optimizer(plain)
 
     student = moco_model()
     mgd = MGDistiller.from_models(teacher, student.encoder_q, reducer=args.reducer).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=gpu):
         collect_matching_costs(mgd, student.encoder_q, teacher, [im_q])
     mgd.update_matching()
-    distillation = Distillation(teacher, DistillationLoss(mgd, None))
-    mgd_model, mgd_opt = PretrainModel(student, distillation.loss), optimizer(student, mgd)
+    mgd_model, mgd_opt = PretrainModel(student, Distillation(teacher, mgd)), optimizer(student, mgd)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=gpu):
         _, student_stages = forward_with_stages(student.encoder_q, im_q)
@@ -93,15 +91,14 @@ def build(args: argparse.Namespace) -> dict:
         loss.backward()
 
     def mgd_step():
-        return training_step(mgd_model, mgd_opt, im_q, im_k, distillation, autocast_dtype=dtype)
+        return training_step(mgd_model, mgd_opt, im_q, im_k, autocast_dtype=dtype)
 
     def mgd_step_read_back():
         # What every step did before issue 17: each logged value read to the host, one sync each.
-        [value.item() for value in mgd_step().logged(mgd.stage_names).values()]
+        [value.item() for value in mgd_step().logged().values()]
 
     return {
-        "plain MoCo-v2 step": lambda: training_step(plain_model, plain_opt, im_q, im_k, plain_distillation,
-                                                    autocast_dtype=dtype),
+        "plain MoCo-v2 step": lambda: training_step(plain_model, plain_opt, im_q, im_k, autocast_dtype=dtype),
         "teacher forward (stage features, no grad)": teacher_forward,
         "MoCo-v2 + MGD step": mgd_step,
         "MGD alone (student BNs + reduction + partial L2, fwd + bwd)": mgd_alone,

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from moco_mgd.models.moco import MoCo
 from moco_mgd.runtime.launch import free_local_port
 from moco_mgd.runtime.stopping import StopRequest
-from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
+from moco_mgd.training.distillation import PretrainModel
 from moco_mgd.training.engine import training_step
 
 
@@ -34,8 +34,7 @@ def _run(rank: int, args: argparse.Namespace, port: int, queue) -> None:
         s, b = args.image_size, args.batch_size
         im_q, im_k = torch.randn(b, 3, s, s), torch.randn(b, 3, s, s)
         moco = MoCo("resnet18", 128, 4096, mlp=True)
-        distillation = Distillation(None, DistillationLoss(None, None))
-        model = DistributedDataParallel(PretrainModel(moco, distillation.loss))
+        model = DistributedDataParallel(PretrainModel(moco))
         optimizer = torch.optim.SGD(moco.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
         with StopRequest.for_run() as stop:
             polls = []
@@ -44,16 +43,16 @@ def _run(rank: int, args: argparse.Namespace, port: int, queue) -> None:
                 stop.poll()
                 polls.append(time.perf_counter() - start)
             for _ in range(args.warmup):
-                training_step(model, optimizer, im_q, im_k, distillation)
+                training_step(model, optimizer, im_q, im_k)
             plain, checked = [], []
             for _ in range(args.rounds):
                 dist.barrier()
                 start = time.perf_counter()
-                training_step(model, optimizer, im_q, im_k, distillation)
+                training_step(model, optimizer, im_q, im_k)
                 plain.append(time.perf_counter() - start)
                 dist.barrier()
                 start = time.perf_counter()
-                training_step(model, optimizer, im_q, im_k, distillation)
+                training_step(model, optimizer, im_q, im_k)
                 stop.poll()
                 checked.append(time.perf_counter() - start)
         if rank == 0:

@@ -34,7 +34,7 @@ from moco_mgd.losses.mgd_distiller import MGDistiller
 from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import build_resnet
-from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
+from moco_mgd.training.distillation import Distillation, PretrainModel
 from moco_mgd.reporting.timing import measure, sync
 from moco_mgd.training.engine import training_step
 
@@ -121,14 +121,13 @@ def step_benchmarks(device: torch.device, size: dict) -> dict:
             mgd.update_matching()
         if embedding:
             embedding_losses = EmbeddingDistiller(128, 128, **embedding).to(device)
-        loss = DistillationLoss(mgd, embedding_losses)
-        model = PretrainModel(moco, loss)
-        params = [p for p in moco.parameters() if p.requires_grad] + list(loss.parameters())
+        distillation = Distillation(step_teacher, mgd, embedding_losses)
+        model = PretrainModel(moco, distillation)
+        params = [p for p in moco.parameters() if p.requires_grad] + list(distillation.parameters())
         optimizer = torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4)
-        distillation = Distillation(step_teacher, loss)
 
         def step():
-            training_step(model, optimizer, im_q, im_k, distillation, autocast_dtype=dtype)
+            training_step(model, optimizer, im_q, im_k, autocast_dtype=dtype)
         seconds, peak = measure(step, device, warmup=2, iters=size["iters"])
         rows[name] = {"seconds": seconds, "images_per_s": b / seconds, "peak_gib": peak, "flops": flops_of(step)}
     plain, teacher_s = rows["MoCo-v2 R18"]["seconds"], rows["R50 teacher forward"]["seconds"]

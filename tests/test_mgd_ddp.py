@@ -20,7 +20,7 @@ from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.models.moco import MoCo
 from moco_mgd.models.resnet import build_resnet
 from moco_mgd.models.stages import forward_with_stages
-from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
+from moco_mgd.training.distillation import Distillation, PretrainModel
 from moco_mgd.training.engine import training_step
 from tests.helpers import randomize_bn, run_distributed
 
@@ -49,8 +49,8 @@ def _build(rank: int, world_size: int) -> tuple[MoCo, Distillation, PretrainMode
     seen = collect_matching_costs(mgd, moco.encoder_q, teacher, [shard[:5], shard[5:]])
     reports = mgd.update_matching()
     assert seen == 2 * GLOBAL // world_size and reports[0].num_images == 2 * GLOBAL
-    loss = DistillationLoss(mgd, None)
-    return moco, Distillation(teacher, loss, match_epochs=[0]), PretrainModel(moco, loss)
+    distillation = Distillation(teacher, mgd, match_epochs=[0])
+    return moco, distillation, PretrainModel(moco, distillation)
 
 
 class StudentMGDLoss(nn.Module):
@@ -72,7 +72,7 @@ def _grads(module: nn.Module) -> dict[str, torch.Tensor | None]:
 
 def _mgd_gradient_worker(rank: int, world_size: int, out_dir: str) -> None:
     moco, distillation, pretrain_model = _build(rank, world_size)
-    student = StudentMGDLoss(moco.encoder_q, pretrain_model.distillation_loss.mgd)
+    student = StudentMGDLoss(moco.encoder_q, pretrain_model.distillation.mgd)
     # Eval mode: BNs normalise with running statistics, so that a half batch and the whole
     # batch see the same per-image function (train-mode BN statistics are per rank).
     student.eval()
@@ -156,13 +156,13 @@ def _training_step_worker(rank: int, world_size: int, out_dir: str) -> None:
     initial = {n: p.detach().clone() for n, p in mgd.named_parameters()}
     # As the run builds it: MoCo's parameters, then the distillation losses' (MGD's student BNs).
     optimizer = torch.optim.SGD([{"params": [p for p in moco.parameters() if p.requires_grad]},
-                                 {"params": list(pretrain_model.distillation_loss.parameters())}],
+                                 {"params": list(pretrain_model.distillation.parameters())}],
                                 lr=0.5, momentum=0.9, weight_decay=0.0)
     ddp = DistributedDataParallel(pretrain_model)
     ddp.train()
     im_q = _images(GLOBAL, seed=5).tensor_split(world_size)[rank]
     im_k = _images(GLOBAL, seed=6).tensor_split(world_size)[rank]
-    out = training_step(ddp, optimizer, im_q, im_k, distillation)
+    out = training_step(ddp, optimizer, im_q, im_k)
     torch.save({"world_size": dist.get_world_size(), "mgd_loss": out.mgd, "loss": out.loss,
                 "initial": initial, "after": {n: p.detach().clone() for n, p in mgd.named_parameters()},
                 "mgd_grads": _grads(mgd),

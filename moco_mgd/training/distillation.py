@@ -1,14 +1,15 @@
-"""What a pretraining run learns from a frozen teacher, as one object that is always there.
+"""Everything that trains in a pretraining run, and what it learns from a frozen teacher.
 
-:class:`Distillation` holds the teacher (outside DDP: it does not train), the losses (a module
-that goes *inside* the one DDP-wrapped :class:`PretrainModel`, because MGD's student BNs train)
-and MGD's matching schedule. With distillation off it has no teacher, adds no loss, keeps an
-empty state and never matches, so the training loop has no case of its own for it.
+:class:`PretrainModel` is the one module DDP wraps: MoCo and the :class:`Distillation`, whose forward
+returns every loss. :class:`Distillation` holds the teacher (outside the module tree: it does not
+train), the losses added to InfoNCE and MGD's matching schedule. With distillation off it has no
+teacher, adds no loss, keeps an empty state and never matches, so the training loop has no case of
+its own for it.
 
 One training step, as values::
 
-    targets = distillation.teacher_targets(im_q, im_k)      # no grad; None when off
-    losses = ddp_model(im_q, im_k, targets)                 # MoCo forward, InfoNCE, + MGD, + embedding losses
+    losses = ddp_model(im_q, im_k)    # teacher targets (no grad), MoCo forward, InfoNCE + MGD + embedding losses
+    losses.loss.backward()
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from moco_mgd.models.resnet import head_dim, resnet_trunk
 from moco_mgd.models.stages import forward_with_stages
 from moco_mgd.runtime.logs import MetricsLog
 
-__all__ = ["TeacherTargets", "StepLosses", "DistillationLoss", "PretrainModel", "Distillation", "own_random_stream"]
+__all__ = ["TeacherTargets", "StepLosses", "Distillation", "PretrainModel", "own_random_stream"]
 
 logger = logging.getLogger("moco_mgd")
 
@@ -70,76 +71,27 @@ class StepLosses(NamedTuple):
     infonce: torch.Tensor
     moco: MoCoOutput
     mgd: torch.Tensor | None = None            # MGD's loss (with gradient), when on
-    mgd_per_stage: torch.Tensor | None = None  # its weighted loss per stage (detached)
+    mgd_per_stage: dict[str, torch.Tensor] = {}  # its weighted loss per stage, by stage name (detached)
     embedding: dict[str, torch.Tensor] = {}    # each embedding loss unweighted (detached)
     temperature: float | None = None           # MoCo's T, which divided the logits (for the diagnostics)
 
 
-class DistillationLoss(nn.Module):
-    """The losses added to InfoNCE: MGD on the stage features, the embedding losses on the query embedding.
-
-    Either may be None; with both None the module adds nothing.
-    """
-
-    def __init__(self, mgd: MGDistiller | None = None, embedding: EmbeddingDistiller | None = None):
-        super().__init__()
-        self.mgd = mgd
-        self.embedding = embedding
-
-    @property
-    def needs_stages(self) -> bool:
-        return self.mgd is not None
-
-    @property
-    def needs_key_view(self) -> bool:
-        return self.embedding is not None and self.embedding.needs_key_view
-
-    def forward(self, moco: MoCoOutput, targets: TeacherTargets | None, infonce: torch.Tensor,
-                generator: torch.Generator | None = None) -> StepLosses:
-        loss, mgd_loss, per_stage, parts = infonce, None, None, {}
-        if self.mgd is not None:
-            mgd_loss, per_stage = self.mgd(moco.query_stages, targets.stages, generator)
-            loss = loss + mgd_loss
-        if self.embedding is not None:
-            embedding_loss, parts = self.embedding(moco.query, targets.output, moco.query_key_view,
-                                                   targets.key_view_output)
-            loss = loss + embedding_loss
-        return StepLosses(loss, infonce, moco, mgd_loss, per_stage, parts)
-
-
-class PretrainModel(nn.Module):
-    """Everything that trains, in one module for one DDP wrapper: MoCo and the distillation losses.
-
-    ``forward(im_q, im_k, targets)`` runs MoCo (with the query view's stage features when MGD is
-    on, and the query encoder on the key view when DisCo needs it), InfoNCE, and the losses of
-    ``distillation_loss``, and returns :class:`StepLosses`. The checkpoint keeps MoCo's layout:
-    save ``moco.state_dict()``, not this module's.
-    """
-
-    def __init__(self, moco: MoCo, distillation_loss: DistillationLoss, generator: torch.Generator | None = None):
-        super().__init__()
-        self.moco = moco
-        self.distillation_loss = distillation_loss
-        self.generator = generator   # random drop's draws: Distillation.generator, never the global stream
-
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, targets: TeacherTargets | None) -> StepLosses:
-        loss_module = self.distillation_loss
-        moco = self.moco(im_q, im_k, query_on_key_view=loss_module.needs_key_view,
-                         with_stages=loss_module.needs_stages)
-        losses = loss_module(moco, targets, infonce(moco), self.generator)
-        return losses._replace(temperature=self.moco.T)
-
-
-class Distillation:
-    """The teacher, the distillation losses and MGD's matching schedule of one run (see the module doc).
+class Distillation(nn.Module):
+    """What a run learns from a frozen teacher: the teacher, the losses added to InfoNCE, MGD's
+    matching schedule and the random source of its per-step draws, in one object.
 
     Args:
         teacher: the frozen teacher, or None (distillation off).
-        loss: the losses; :class:`DistillationLoss` with nothing in it when off.
+        mgd: MGD on the stage features, or None.
+        embedding: the embedding losses on the query embedding, or None.
         match_epochs: epochs after which MGD's matching is re-solved (0: before training).
         fixed_matching: MGD without matching (``--mgd-schedule none``): channels assigned in order.
-        generator: the random source of the distillation's per-step draws (random drop), on the
-            training device; checkpointed with the run.
+        generator: the random source of the per-step draws (random drop), on the training device;
+            checkpointed with the run.
+
+    ``mgd`` and ``embedding`` are submodules (MGD's student BNs and the embedding heads train, inside
+    the one DDP-wrapped :class:`PretrainModel`). The teacher is not: it never trains, so ``train()``,
+    ``state_dict()`` and DDP's buffer broadcast must not reach it.
 
     Exact pairing: nothing here draws from the global random stream, which the student's
     initial weights and MoCo's shuffle-BN permutations come from. A baseline and a distilled run
@@ -147,16 +99,18 @@ class Distillation:
     draws; the teacher, the embedding heads and random drop each draw from a stream of their own.
     """
 
-    def __init__(self, teacher: nn.Module | None = None, loss: DistillationLoss | None = None,
-                 match_epochs: Iterable[int] = (), fixed_matching: bool = False,
-                 generator: torch.Generator | None = None):
-        self.teacher = teacher
-        self.loss = loss if loss is not None else DistillationLoss()
+    def __init__(self, teacher: nn.Module | None = None, mgd: MGDistiller | None = None,
+                 embedding: EmbeddingDistiller | None = None, match_epochs: Iterable[int] = (),
+                 fixed_matching: bool = False, generator: torch.Generator | None = None):
+        super().__init__()
+        if teacher is None and (mgd is not None or embedding is not None):
+            raise ValueError("distillation losses need a teacher")
+        object.__setattr__(self, "teacher", teacher)   # outside the module tree (see the class doc)
+        self.mgd = mgd
+        self.embedding = embedding
         self.match_epochs = list(match_epochs)
         self.fixed_matching = fixed_matching
         self.generator = generator
-        if teacher is None and (self.loss.mgd is not None or self.loss.embedding is not None):
-            raise ValueError("distillation losses need a teacher")
 
     @classmethod
     def build(cls, student: nn.Module, device: torch.device, *, teacher_arch: str, teacher_checkpoint: str,
@@ -188,16 +142,15 @@ class Distillation:
             if embedding is not None:
                 embedding_loss = EmbeddingDistiller(embedding_dim, head_dim(teacher), **embedding).to(device)
         generator = torch.Generator(device=device).manual_seed(seed + DRAWS_SEED_OFFSET)
-        return cls(teacher, DistillationLoss(mgd_loss, embedding_loss), match_epochs, fixed_matching=fixed_matching,
-                   generator=generator)
+        return cls(teacher, mgd_loss, embedding_loss, match_epochs, fixed_matching=fixed_matching, generator=generator)
 
     @property
-    def mgd(self) -> MGDistiller | None:
-        return self.loss.mgd
+    def needs_stages(self) -> bool:
+        return self.mgd is not None
 
     @property
-    def embedding(self) -> EmbeddingDistiller | None:
-        return self.loss.embedding
+    def needs_key_view(self) -> bool:
+        return self.embedding is not None and self.embedding.needs_key_view
 
     def describe(self, teacher_arch: str) -> str:
         """For the run's first log line."""
@@ -210,24 +163,37 @@ class Distillation:
         """The teacher's forward on this batch: what the losses compare the student with (None when off)."""
         if self.teacher is None:
             return None
-        if self.loss.needs_stages:
+        if self.needs_stages:
             output, stages = forward_with_stages(self.teacher, im_q)
         else:
             output, stages = self.teacher(im_q), None
-        key_view_output = self.teacher(im_k) if self.loss.needs_key_view else None  # DisCo's extra pass
+        key_view_output = self.teacher(im_k) if self.needs_key_view else None  # DisCo's extra pass
         return TeacherTargets(output, stages, key_view_output)
+
+    def forward(self, moco: MoCoOutput, targets: TeacherTargets | None, infonce: torch.Tensor) -> StepLosses:
+        """InfoNCE plus the losses of what the student computed (``moco``) against the teacher's ``targets``."""
+        loss, mgd_loss, per_stage, parts = infonce, None, {}, {}
+        if self.mgd is not None:
+            mgd_loss, stage_losses = self.mgd(moco.query_stages, targets.stages, self.generator)
+            per_stage = dict(zip(self.mgd.stage_names, stage_losses.unbind()))
+            loss = loss + mgd_loss
+        if self.embedding is not None:
+            embedding_loss, parts = self.embedding(moco.query, targets.output, moco.query_key_view,
+                                                   targets.key_view_output)
+            loss = loss + embedding_loss
+        return StepLosses(loss, infonce, moco, mgd_loss, per_stage, parts)
 
     def teacher_trunk(self) -> nn.Module | None:
         """The teacher without its head, for the kNN reference line (None when off)."""
         return resnet_trunk(self.teacher) if self.teacher is not None else None
 
     # ---- checkpointed state: the checkpoint's "mgd", "embedding" and "distillation_rng" entries --
-    def state_dict(self) -> dict:
+    def checkpoint_entries(self) -> dict:
         return {"mgd": self.mgd.state_dict() if self.mgd is not None else None,
                 "embedding": self.embedding.state_dict() if self.embedding is not None else None,
                 "distillation_rng": self.generator.get_state() if self.generator is not None else None}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_checkpoint_entries(self, state: dict) -> None:
         if self.mgd is not None:
             self.mgd.load_state_dict(state["mgd"])
         if self.embedding is not None and state.get("embedding"):
@@ -270,3 +236,26 @@ class Distillation:
             metrics.log("matching", epoch=epoch, seconds=seconds, num_images=reports[0].num_images,
                         cost={r.stage: r.cost for r in reports}, changed={r.stage: r.changed for r in reports},
                         assignment={r.stage: a for r, a in zip(reports, mgd.assignments())})
+
+
+class PretrainModel(nn.Module):
+    """Everything that trains, in one module for one DDP wrapper: MoCo and the distillation.
+
+    ``forward(im_q, im_k)`` runs the teacher on the batch (no gradient; nothing when distillation is
+    off), MoCo (with the query view's stage features when MGD is on, and the query encoder on the
+    key view when DisCo needs it), InfoNCE and the distillation losses, and returns
+    :class:`StepLosses`. The checkpoint keeps MoCo's layout: save ``moco.state_dict()`` and
+    ``distillation.checkpoint_entries()``, not this module's state.
+    """
+
+    def __init__(self, moco: MoCo, distillation: Distillation | None = None):
+        super().__init__()
+        self.moco = moco
+        self.distillation = distillation if distillation is not None else Distillation()
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> StepLosses:
+        distillation = self.distillation
+        targets = distillation.teacher_targets(im_q, im_k)
+        moco = self.moco(im_q, im_k, query_on_key_view=distillation.needs_key_view,
+                         with_stages=distillation.needs_stages)
+        return distillation(moco, targets, infonce(moco))._replace(temperature=self.moco.T)

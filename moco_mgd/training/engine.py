@@ -18,7 +18,6 @@ from moco_mgd.models.moco import contrastive_diagnostics
 from moco_mgd.runtime import distributed
 from moco_mgd.runtime.logs import MetricsLog, format_duration
 from moco_mgd.runtime.stopping import StopRequest
-from moco_mgd.training.distillation import Distillation
 
 __all__ = ["NonFiniteLossError", "EpochProgress", "RunStopped", "StepOutput", "diagnostics_text", "training_step",
            "train_one_epoch"]
@@ -69,16 +68,16 @@ class StepOutput:
     infonce: torch.Tensor
     acc1: torch.Tensor
     mgd: torch.Tensor | None = None
-    mgd_per_stage: torch.Tensor | None = None
+    mgd_per_stage: dict[str, torch.Tensor] = field(default_factory=dict)   # by stage name
     embedding: dict[str, torch.Tensor] = field(default_factory=dict)
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # see contrastive_diagnostics
 
-    def logged(self, stage_names: list[str] | None) -> dict[str, torch.Tensor]:
+    def logged(self) -> dict[str, torch.Tensor]:
         """Every 0-dim value logged for the step, by its name in ``metrics.jsonl`` (still on the device)."""
         values = {"loss": self.loss, "infonce": self.infonce, "acc1": self.acc1}
         if self.mgd is not None:
             values["mgd"] = self.mgd
-            values.update({f"mgd_{name}": v for name, v in zip(stage_names, self.mgd_per_stage.unbind())})
+            values.update({f"mgd_{name}": v for name, v in self.mgd_per_stage.items()})
         return values | self.embedding | self.diagnostics
 
 
@@ -96,21 +95,19 @@ def training_step(
     optimizer: torch.optim.Optimizer,
     im_q: torch.Tensor,
     im_k: torch.Tensor,
-    distillation: Distillation,
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> StepOutput:
     """One SGD step of the :class:`~moco_mgd.training.distillation.PretrainModel` (wrapped in DDP or not).
 
-    The teacher's forward on the batch (none when distillation is off), then InfoNCE of the
-    query/key views plus the distillation losses, in the one DDP-wrapped forward.
+    One forward of the model gives every loss: the teacher's targets (none when distillation is
+    off), InfoNCE of the query/key views and the distillation losses.
 
     Nothing here waits for the device: the loss is not read back, and a non-finite one is
     caught by :func:`train_one_epoch` at its next read (every ``-p`` steps).
     """
     with torch.autocast(im_q.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        targets = distillation.teacher_targets(im_q, im_k)
-        losses = model(im_q, im_k, targets)
+        losses = model(im_q, im_k)
     loss, logits, labels = losses.loss, losses.moco.logits, losses.moco.labels
     out = StepOutput(loss.detach(), losses.infonce.detach(),
                      (logits.detach().argmax(1) == labels).float().mean() * 100,
@@ -139,7 +136,6 @@ def train_one_epoch(
     loader: Iterable,
     epoch: int,
     device: torch.device,
-    distillation: Distillation,
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
@@ -166,7 +162,6 @@ def train_one_epoch(
         RunStopped: a stop signal; the values so far are checked first, as at the end of an epoch.
     """
     model.train()
-    stage_names = distillation.mgd.stage_names if distillation.mgd is not None else None
     done = progress.iteration if progress is not None else 0
     num_batches = done + len(loader) if hasattr(loader, "__len__") else None
     world = distributed.get_world_size()
@@ -189,8 +184,8 @@ def train_one_epoch(
         data_time += time.perf_counter() - last_time
         im_q = _batch_to(im_q, device, channels_last)
         im_k = _batch_to(im_k, device, channels_last)
-        out = training_step(model, optimizer, im_q, im_k, distillation, scaler, autocast_dtype)
-        logged = out.logged(stage_names)
+        out = training_step(model, optimizer, im_q, im_k, scaler, autocast_dtype)
+        logged = out.logged()
         if names is None:
             names = list(logged)
         if first_bad is None:
@@ -207,9 +202,9 @@ def train_one_epoch(
             images_per_s = count * im_q.shape[0] * world / max(elapsed, 1e-9)
             eta = (num_batches - i - 1) * elapsed / count if num_batches else float("nan")
             extra_text = ""
-            if stage_names is not None:
+            if out.mgd is not None:
                 extra_text = f" MGD {step['mgd']:.4f} (" + " ".join(
-                    f"{step[f'mgd_{name}']:.3g}" for name in stage_names) + ")"
+                    f"{step[f'mgd_{name}']:.3g}" for name in out.mgd_per_stage) + ")"
             extra_text += "".join(f" {name} {step[name]:.4g}" for name in out.embedding)
             logger.info(
                 f"epoch {epoch} [{i + 1}/{num_batches or '?'}] eta {format_duration(eta) if num_batches else '?'} "

@@ -89,10 +89,10 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
         match_epochs=matching_epochs(config.mgd_schedule, config.epochs),
         fixed_matching=config.mgd_schedule.strip() == "none", memory_format=memory_format, seed=seed)
     mgd = distillation.mgd
-    pretrain_model = PretrainModel(model, distillation.loss, distillation.generator)
+    pretrain_model = PretrainModel(model, distillation)
     # The MoCo parameters first, then MGD's student BNs: the optimizer state of every checkpoint so far.
     params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    distillation_params = [p for p in distillation.loss.parameters() if p.requires_grad]
+    distillation_params = [p for p in distillation.parameters() if p.requires_grad]
     if distillation_params:
         params.append({"params": distillation_params})
     optimizer = torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -108,7 +108,7 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
                                                                   device)
 
     ddp_model = pretrain_model
-    if env.world_size > 1:  # one wrapper for everything that trains; the frozen teacher stays outside
+    if env.world_size > 1:  # one wrapper for everything that trains (the frozen teacher is not a submodule)
         ddp_model = DistributedDataParallel(pretrain_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def train_images(transform):
@@ -169,7 +169,7 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
             lr = learning_rate(config.lr, epoch, config.epochs, config.cos, config.schedule)
             set_learning_rate(optimizer, lr)
             try:
-                means = train_one_epoch(ddp_model, optimizer, train_loader, epoch, device, distillation, scaler,
+                means = train_one_epoch(ddp_model, optimizer, train_loader, epoch, device, scaler,
                                         autocast_dtype, channels_last, config.print_freq, metrics, resumed, stop)
             except RunStopped as stopped:
                 _save_at_stop(stopped, config, env, output_dir, metrics, sampler.batches_per_epoch(),

@@ -33,7 +33,7 @@ def run_state(epochs_done: int, arch: str, config: dict, moco: MoCo, optimizer: 
         "epoch": epochs_done, "arch": arch,
         "state_dict": ckpt.with_module_prefix(moco.state_dict()),
         "optimizer": optimizer.state_dict(),
-        **distillation.state_dict(),
+        **distillation.checkpoint_entries(),
         "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "config": config,
         **mid_epoch,
     }
@@ -50,7 +50,7 @@ def restore_run_state(state: dict, moco: MoCo, optimizer: torch.optim.Optimizer,
     """
     moco.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
     optimizer.load_state_dict(state["optimizer"])
-    distillation.load_state_dict(state)
+    distillation.load_checkpoint_entries(state)
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     progress = None
