@@ -17,7 +17,7 @@ import torch
 
 
 from moco_mgd.losses.embedding import EmbeddingDistiller
-from moco_mgd.reporting.timing import device_name, measure
+from moco_mgd.reporting.timing import device_name, measure, print_table
 
 LOSSES = {
     "CCKD (rbf-taylor, P=2)": {"cckd_weight": 1.0},
@@ -61,11 +61,9 @@ def main() -> None:
     where = device_name(device)
     print(f"device: {device.type} ({where}); torch {torch.__version__}; batch {args.batch_size}, dim {args.dim}; "
           f"fp32; median of {args.iters}")
-    print("| loss, forward + backward | ms | peak GPU memory (GiB) |")
-    print("|---|---:|---:|")
-    for name, seconds, peak in rows:
-        # Host memory of a step this small is lost in the process's own; bench_pretrain.py measures it.
-        print(f"| {name} | {1000 * seconds:,.2f} | {f'{peak:.3f}' if gpu else 'n/a (CPU)'} |")
+    # Host memory of a step this small is lost in the process's own; bench_pretrain.py measures it.
+    print_table(["loss, forward + backward", "ms", "peak GPU memory (GiB)"],
+                [(name, f"{1000 * seconds:,.2f}", f"{peak:.3f}" if gpu else "n/a (CPU)") for name, seconds, peak in rows])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from torch.utils.data import TensorDataset
 from moco_mgd.models.resnet import STEMS, build_resnet
 from moco_mgd.evaluation.features import extract_features
 from moco_mgd.evaluation.knn import knn_classify
-from moco_mgd.reporting.timing import device_name
+from moco_mgd.reporting.timing import device_name, print_table
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -92,6 +92,10 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "--device cuda but torch sees no GPU\n")
+    for flag in ("bank", "queries", "extract_images", "batch_size", "k", "classes"):
+        if getattr(args, flag) < 1:
+            shown = "-k" if flag == "k" else "--" + flag.replace("_", "-")
+            parser.error(f"{shown} {getattr(args, flag)}: must be at least 1")
     torch.manual_seed(0)
     rows = []
 
@@ -142,10 +146,9 @@ def main() -> None:
     print(f"device: {device.type} ({name}); torch {torch.__version__}; faiss {faiss.__version__}; "
           f"date {datetime.date.today().isoformat()}")
     print()
-    print("| what | time (s) | throughput | peak memory | notes |")
-    print("|---|---:|---:|---:|---|")
-    for what, seconds, speed, memory, notes in rows:
-        print(f"| {what} | {seconds:,.2f} | {speed} | {memory} | {notes} |")
+    print_table(["what", "time (s)", "throughput", "peak memory", "notes"],
+                [(what, f"{seconds:,.2f}", speed, memory, notes) for what, seconds, speed, memory, notes in rows],
+                align="lrrrl")
 
 
 if __name__ == "__main__":

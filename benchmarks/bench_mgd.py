@@ -21,7 +21,7 @@ import torch
 
 from moco_mgd.losses import mgd
 from moco_mgd.losses.mgd_distiller import MGDistiller
-from moco_mgd.reporting.timing import device_name, measure
+from moco_mgd.reporting.timing import device_name, measure, print_table
 
 STUDENT = (64, 128, 256, 512)       # resnet18 / resnet34
 TEACHER = (256, 512, 1024, 2048)    # resnet50
@@ -78,10 +78,8 @@ def main() -> None:
     name = device_name(device)
     print(f"device: {device.type} ({name}); torch {torch.__version__}; features {args.dtype}; "
           f"median of {args.repeats}")
-    print("| what | time (ms) | throughput |")
-    print("|---|---:|---:|")
-    for what, seconds, extra in rows:
-        print(f"| {what} | {1000 * seconds:,.1f} | {extra} |")
+    print_table(["what", "time (ms)", "throughput"],
+                [(what, f"{1000 * seconds:,.1f}", extra) for what, seconds, extra in rows])
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ from moco_mgd.models.resnet import build_resnet
 from moco_mgd.losses.mgd_distiller import MGDistiller
 from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.losses.embedding import EmbeddingDistiller
-from moco_mgd.training.distillation import Distillation, DistillationLoss, PretrainModel
+from moco_mgd.training.distillation import Distillation, PretrainModel
 from moco_mgd.training.engine import training_step
 from moco_mgd.models.moco import MoCo
-from moco_mgd.reporting.timing import current_rss_bytes, device_name, measure, peak_rss_bytes
+from moco_mgd.reporting.timing import current_rss_bytes, device_name, measure, peak_rss_bytes, print_table
 
 # (row name, MGD on, EmbeddingDistiller kwargs, student MLP hidden width): the training steps timed.
 STEPS = {
@@ -109,8 +109,7 @@ def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float
         mgd.update_matching()
     if embedding:
         embedding_losses = EmbeddingDistiller(128, 128, **embedding).to(device)
-    distillation = Distillation(teacher, DistillationLoss(mgd, embedding_losses))
-    pretrain_model = PretrainModel(model, distillation.loss)
+    pretrain_model = PretrainModel(model, Distillation(teacher, mgd, embedding_losses))
     params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if use_mgd:
         params.append({"params": list(mgd.parameters())})
@@ -118,7 +117,7 @@ def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float
     model.train()
 
     def step():
-        training_step(pretrain_model, optimizer, im_q, im_k, distillation, autocast_dtype=dtype)
+        training_step(pretrain_model, optimizer, im_q, im_k, autocast_dtype=dtype)
 
     seconds, peak_gpu = measure(step, device, args.warmup, args.iters)
     return name.format(reducer=args.reducer), seconds, peak_gpu, peak_rss_bytes(), rss_start, torch.get_num_threads()
@@ -140,11 +139,10 @@ def main() -> None:
     print(f"device: {device.type} ({name}); torch {torch.__version__}; {s} px; batch {b}; "
           f"{'bf16 autocast, channels_last' if gpu else 'fp32'}; median of {args.iters}; "
           f"each configuration in a fresh process")
-    print("| step | ms | images/s | peak GPU memory (GiB) | peak host RSS (MiB) (+ growth over imports) |")
-    print("|---|---:|---:|---:|---:|")
-    for what, seconds, peak, rss_peak, rss_start, _ in rows:
-        print(f"| {what} | {1000 * seconds:,.1f} | {b / seconds:,.1f} | {peak:.2f} | "
-              f"{rss_peak / 2**20:,.0f} (+{max(rss_peak - rss_start, 0) / 2**20:,.0f}) |")
+    print_table(["step", "ms", "images/s", "peak GPU memory (GiB)", "peak host RSS (MiB) (+ growth over imports)"],
+                [(what, f"{1000 * seconds:,.1f}", f"{b / seconds:,.1f}", f"{peak:.2f}",
+                  f"{rss_peak / 2**20:,.0f} (+{max(rss_peak - rss_start, 0) / 2**20:,.0f})")
+                 for what, seconds, peak, rss_peak, rss_start, _ in rows])
     seconds = dict(zip(args.configs, (r[1] for r in rows)))
     if "moco" in seconds and "teacher" in seconds:
         plain, teacher_fwd = seconds["moco"], seconds["teacher"]

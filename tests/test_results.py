@@ -114,3 +114,15 @@ def test_summary_line_says_whether_the_teacher_is_better_and_the_student_wins():
     assert summary_line([], "mgd-amp", titles) == "In short: no finished run to compare."
     alone = summary_line([r("teacher", 0, 85.0, 86.0), r("baseline", 0, 70.0, 72.0)], "baseline", titles)
     assert "beat" not in alone and "is better than the baseline student" in alone   # no student to compare
+
+
+def test_print_table_is_markdown_with_text_columns_left_and_numbers_right(capsys):
+    from moco_mgd.reporting.timing import print_table
+
+    print_table(["what", "solver", "ms"], [("a", "lapjv", "1.5"), ("b", "scipy", 12)], align="llr")
+    assert capsys.readouterr().out.splitlines() == [
+        "| what | solver | ms |", "|---|---|---:|", "| a | lapjv | 1.5 |", "| b | scipy | 12 |"]
+    print_table(["what", "ms"], [("a", 1)])
+    assert capsys.readouterr().out.splitlines()[1] == "|---|---:|"
+    with pytest.raises(ValueError, match="align 'l' has 1 letters for 2 columns"):
+        print_table(["what", "ms"], [], align="l")

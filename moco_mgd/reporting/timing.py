@@ -1,10 +1,11 @@
-"""Timing for the benchmarks and the GPU acceptance run: warm-up, device sync, median, peak GPU and host memory."""
+"""Timing for the benchmarks and the GPU acceptance run: warm-up, device sync, median, peak GPU and host
+memory, and the Markdown table they print."""
 from __future__ import annotations
 
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -60,3 +61,16 @@ def peak_rss_bytes() -> int:
 
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> None:
+    """A Markdown table on stdout: the header ``columns``, then one line per row of formatted cells.
+    ``align`` has an ``l`` (text) or ``r`` (numbers) per column; by default the first column is text
+    and the rest numbers."""
+    align = align or "l" + "r" * (len(columns) - 1)
+    if len(align) != len(columns):
+        raise ValueError(f"align {align!r} has {len(align)} letters for {len(columns)} columns")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---:" if side == "r" else "---" for side in align) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
