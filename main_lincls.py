@@ -14,16 +14,14 @@ from moco_mgd.models.resnet import STEMS
 from moco_mgd.runtime import launch
 from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.evaluation.lincls import LinclsConfig, check_config, linear_eval
-from moco_mgd.training.flags import add_moco_arguments
+from moco_mgd.training.flags import moco_argument_parser
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Linear classification on a frozen backbone", add_help=add_help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    moco = parser.add_argument_group("MoCo (same names and defaults as main_lincls.py)")
-    add_moco_arguments(
-        moco, data_help="dataset root with train/ and val/ (image folders); for fashion-mnist the IDX "
-                        "directory (default: Debian's /usr/share/datasets/fashion-mnist)",
+    parser, moco = moco_argument_parser(
+        "Linear classification on a frozen backbone", "main_lincls.py", add_help,
+        data_help="dataset root with train/ and val/ (image folders); for fashion-mnist the IDX "
+                  "directory (default: Debian's /usr/share/datasets/fashion-mnist)",
         arch_help="architecture of the pretrained backbone (checked against --pretrained)",
         resume_help="checkpoint of this script (checkpoint.pth.tar) to resume training or to --evaluate")
     moco.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the model on val/")
@@ -53,10 +51,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                           "--seed it is the subset main_moco_mgd.py --max-images pretrained on")
     run.add_argument("--val-holdout", type=float, help=VAL_HOLDOUT_HELP)
     return launch.set_config_defaults(parser, LinclsConfig)
-
-
-def config_from_args(args: argparse.Namespace) -> LinclsConfig:
-    return launch.config_from_args(LinclsConfig, args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,17 +17,15 @@ from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP
 from moco_mgd.runtime.precision import AMP_MODES
 from moco_mgd.training.checks import validate
 from moco_mgd.training.config import PretrainConfig
-from moco_mgd.training.flags import add_moco_arguments
+from moco_mgd.training.flags import moco_argument_parser
 from moco_mgd.training.pretrain import pretrain
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MoCo-v2 + MGD pretraining", add_help=add_help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    moco = parser.add_argument_group("MoCo (same names and defaults as main_moco.py)")
-    add_moco_arguments(
-        moco, data_help="dataset root: reads DIR/train (image folders); for fashion-mnist the IDX directory "
-                        "(default: Debian's /usr/share/datasets/fashion-mnist)",
+    parser, moco = moco_argument_parser(
+        "MoCo-v2 + MGD pretraining", "main_moco.py", add_help,
+        data_help="dataset root: reads DIR/train (image folders); for fashion-mnist the IDX directory "
+                  "(default: Debian's /usr/share/datasets/fashion-mnist)",
         arch_help="student architecture (MoCo's default is resnet50: pass it to train a teacher)",
         schedule_help="epochs at which lr drops x0.1 (ignored with --cos)",
         resume_help="checkpoint to resume from (default: the newest complete checkpoint in --output-dir, if any)")
@@ -112,10 +110,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--knn-t", type=float, help="temperature of the kNN vote (DINO: 0.07)")
     run.add_argument("--wandb-project", help="also log to this wandb project")
     return launch.set_config_defaults(parser, PretrainConfig)
-
-
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    return launch.config_from_args(PretrainConfig, args)
 
 
 def main(argv: list[str] | None = None) -> None:

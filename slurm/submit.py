@@ -66,14 +66,16 @@ def _entry(name: str):
 
 
 def _worker_and_check(name: str):
+    """The entry point's configuration class, its worker and its checks."""
     if name == "pretrain":
+        from moco_mgd.training.config import PretrainConfig
         from moco_mgd.training.pretrain import pretrain
         from moco_mgd.training.checks import validate
 
-        return pretrain, validate
-    from moco_mgd.evaluation.lincls import check_config, linear_eval
+        return PretrainConfig, pretrain, validate
+    from moco_mgd.evaluation.lincls import LinclsConfig, check_config, linear_eval
 
-    return linear_eval, check_config
+    return LinclsConfig, linear_eval, check_config
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:
@@ -136,7 +138,7 @@ class Trainer:
         job = submitit.JobEnvironment()
         config = dataclasses.replace(self.config, output_dir=resolve_job_id(self.config.output_dir, job.job_id))
         config = self._resume_point(config)
-        worker, _ = _worker_and_check(self.entry)
+        _, worker, _ = _worker_and_check(self.entry)
 
         device = device_for(job.local_rank)
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
@@ -245,12 +247,13 @@ def _writable_base(job_dir: str) -> Path:
 def prepare(name: str, argv: list[str]) -> Plan:
     """Parse and check everything a compute node would trip on later. Raises :class:`SubmitError`."""
     from moco_mgd.checkpoints.files import check_writable
+    from moco_mgd.runtime import launch
 
     if name not in ENTRIES:
         raise SubmitError(f"unknown entry point {name!r}: choose pretrain or lincls")
     parser = build_parser(name)
     args = parser.parse_args(argv)
-    worker, check = _worker_and_check(name)
+    config_class, worker, check = _worker_and_check(name)
     if args.nodes < 1:
         raise SubmitError(f"--nodes {args.nodes}: need at least one node")
     if args.ngpus < 0:
@@ -284,7 +287,7 @@ def prepare(name: str, argv: list[str]) -> Plan:
     args.output_dir = _absolute(args.output_dir) if explicit_output else job_dir
     if args.data:
         args.data = _absolute(args.data)
-    config = _entry(name).config_from_args(args)
+    config = launch.config_from_args(config_class, args)
     world = args.nodes * tasks
 
     # The entry script's own checks (batch split, K vs the global batch, data, teacher, resume...),

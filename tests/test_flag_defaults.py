@@ -13,7 +13,7 @@ from moco_mgd.training.config import PretrainConfig
 @pytest.mark.parametrize("script, config_class", [(main_moco_mgd, PretrainConfig), (main_lincls, LinclsConfig)])
 def test_the_parser_defaults_are_the_dataclass_defaults(script, config_class):
     parser = script.get_args_parser()
-    assert script.config_from_args(parser.parse_args([])) == config_class()
+    assert launch.config_from_args(config_class, parser.parse_args([])) == config_class()
     # and the help shows them (argparse reads the same action defaults)
     defaults = {a.dest: a.default for a in parser._actions}
     for name, value in launch.config_defaults(config_class).items():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from moco_mgd.models.resnet import RESNET_ARCHS
 from moco_mgd.runtime import launch
 
-__all__ = ["InputConfig", "MocoRunConfig", "add_moco_arguments"]
+__all__ = ["InputConfig", "MocoRunConfig", "add_moco_arguments", "moco_argument_parser"]
 
 
 @dataclass
@@ -40,6 +40,17 @@ class MocoRunConfig(InputConfig):
     resume: str = ""
     seed: int | None = None
     output_dir: str = "."
+
+
+def moco_argument_parser(description: str, mirrors: str, add_help: bool, **helps: str
+                         ) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """An entry script's parser, opening with MoCo's flag block (:func:`add_moco_arguments`, ``helps``
+    its help texts) in a group that says which of MoCo's scripts it ``mirrors``. Returns the parser and
+    that group, for the script's own MoCo-style flags."""
+    parser = argparse.ArgumentParser(description, add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group(f"MoCo (same names and defaults as {mirrors})")
+    add_moco_arguments(group, **helps)
+    return parser, group
 
 
 def add_moco_arguments(group: argparse._ArgumentGroup, *, data_help: str, arch_help: str, resume_help: str,
