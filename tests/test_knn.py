@@ -202,3 +202,16 @@ def test_cli_val_holdout_scores_held_out_training_images(tmp_path, capsys):
     with pytest.raises(SystemExit):
         knn.main([str(tmp_path / "fm"), "--dataset", "fashion-mnist", "--random-init", "--val-holdout", "1"])
     assert "--val-holdout 1.0: must be > 0 and < 1" in capsys.readouterr().err
+
+
+def test_extracting_through_a_trunk_view_leaves_a_frozen_teachers_layers_in_eval_mode():
+    """resnet_trunk(teacher) is a new Sequential (training=True) around the teacher's layers: the
+    extraction must put back each layer's own mode, or the teacher's BNs train from then on."""
+    from moco_mgd.models.resnet import build_resnet, resnet_trunk
+
+    teacher = build_resnet("resnet18", num_classes=8).eval()
+    student = build_resnet("resnet18", num_classes=8).train()
+    images = TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
+    for network, training in ((teacher, False), (student, True)):
+        extract_features(resnet_trunk(network), images, batch_size=2, device="cpu")
+        assert {m.training for m in network.modules()} == {training}

@@ -6,6 +6,8 @@ result is the single-process one, on every rank, whatever the world size.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
@@ -38,6 +40,7 @@ def extract_features(
     device: torch.device | str,
     workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` in eval mode over ``dataset``; return its outputs and labels in order.
 
@@ -48,13 +51,17 @@ def extract_features(
         device: where to run the model.
         workers: DataLoader worker processes.
         autocast_dtype: run under autocast with this dtype (e.g. bf16 on GPU).
+        progress: called on the main process with (images done, all images), about every 10% of the
+            way and at the end (the images of all processes, counted from the main one's share).
 
     Returns:
         ``(features, labels)``: ``Tensor[N, D]`` float32 and ``LongTensor[N]`` on CPU, in
         dataset order, identical on every rank.
     """
     device = torch.device(device)
-    was_training = model.training
+    # Each module's own mode is put back, not the top module's for all: a view such as
+    # resnet_trunk(teacher) is a new (training) Sequential around a frozen teacher's eval-mode layers.
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     indexed = IndexedDataset(dataset)
     # Padded so that every rank has as many rows, which all_gather needs; a repeat writes the same row twice.
@@ -63,16 +70,21 @@ def extract_features(
                         pin_memory=device.type == "cuda")
     indices, feats, labels = [], [], []
     batches = iter(loader)
+    report_every = max(1, len(loader) // 10)
     try:
-        for index, images, label in batches:
+        for step, (index, images, label) in enumerate(batches, start=1):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(images.to(device, non_blocking=True))
             feats.append(out.float().flatten(1))
             indices.append(index.to(device))
             labels.append(torch.as_tensor(label).to(device))
+            if progress is not None and distributed.is_main_process() and (
+                    step % report_every == 0 or step == len(loader)):
+                progress(min(step * batch_size * distributed.get_world_size(), len(dataset)), len(dataset))
     finally:
         shut_down_workers(batches)   # on an error too: a traceback keeps the iterator alive
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     local_feats = torch.cat(feats)  # n_local x D
     all_feats = distributed.all_gather_cat(local_feats).cpu()
     all_indices = distributed.all_gather_cat(torch.cat(indices)).cpu()
