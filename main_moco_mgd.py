@@ -75,6 +75,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     emb.add_argument("--seed-queue", type=int, help="SEED's queue of teacher embeddings")
     emb.add_argument("--seed-t", type=float, help="SEED's student temperature")
     emb.add_argument("--seed-teacher-t", type=float, help="SEED's teacher temperature")
+    emb.add_argument("--bingo-weight", type=float,
+                     help="bag-of-instances distillation (BINGO, Xu et al. ICLR 2022): each image also brings a "
+                          "member of its bag (its --bingo-k nearest neighbours in the teacher's eyes)")
+    emb.add_argument("--bingo-k", type=int, help="BINGO's bag size (its released scripts: 5)")
+    emb.add_argument("--bingo-t", type=float, help="BINGO's temperature (its released scripts: 0.2)")
+    emb.add_argument("--bingo-queue", type=int, help="BINGO's queue of teacher embeddings")
+    emb.add_argument("--bingo-pair-weights", type=float, nargs=2, metavar=("OWN", "PAIR"),
+                     help="weights of a query's own and its pair's teacher embedding (BINGO's --lam)")
+    emb.add_argument("--bingo-warmup-epochs", type=int,
+                     help="epochs with the pair weight at 0 (BINGO: 11 of 200)")
+    emb.add_argument("--bingo-mix", action=argparse.BooleanOptionalAction,
+                     help="BINGO's third query, the CutMix of anchor and member (one more student forward)")
+    emb.add_argument("--bingo-bags", help="a bag file of python -m moco_mgd.training.bags (default: built in "
+                                          "--output-dir, bags.pt, and reused while teacher and images match)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", help="checkpoints, log.txt and metrics.jsonl go here")

@@ -49,12 +49,13 @@ MGD_VARIANTS: dict[str, list[str]] = {
     "mgd-sm": ["--mgd-reducer", "sm"],
     "mgd-amp-nomatch": ["--mgd-reducer", "amp", "--mgd-schedule", "none"],
 }
-EMBEDDING_METHODS = ("cckd", "disco", "seed")
+EMBEDDING_METHODS = ("cckd", "disco", "seed", "bingo")
 METHODS = ("baseline", *MGD_VARIANTS, *EMBEDDING_METHODS, *(f"mgd-amp+{e}" for e in EMBEDDING_METHODS))
 TITLES = {"teacher": "teacher ({teacher_kind} {teacher})", "baseline": "baseline (MoCo-v2 {student})",
           "mgd-amp": "MGD-AMP", "mgd-rd": "MGD-RD", "mgd-sm": "MGD-SM",
           "mgd-amp-nomatch": "MGD-AMP without matching", "cckd": "CCKD", "disco": "DisCo", "seed": "SEED",
-          "mgd-amp+cckd": "MGD-AMP + CCKD", "mgd-amp+disco": "MGD-AMP + DisCo", "mgd-amp+seed": "MGD-AMP + SEED",
+          "bingo": "BINGO", "mgd-amp+cckd": "MGD-AMP + CCKD", "mgd-amp+disco": "MGD-AMP + DisCo",
+          "mgd-amp+seed": "MGD-AMP + SEED", "mgd-amp+bingo": "MGD-AMP + BINGO",
           "random": "random init {student}"}
 
 
@@ -72,7 +73,15 @@ def method_flags(method: str, args: argparse.Namespace) -> list[str] | None:
             + (["--mlp-hidden-dim", str(args.disco_hidden_dim)] if args.disco_hidden_dim else [])
     if "seed" in parts:
         flags += ["--seed-weight", str(args.seed_weight), "--seed-queue", str(args.seed_queue or args.moco_k)]
+    if "bingo" in parts:
+        flags += ["--bingo-weight", str(args.bingo_weight), "--bingo-k", str(args.bingo_k),
+                  "--bingo-queue", str(args.moco_k), "--bingo-warmup-epochs", str(bingo_warmup_epochs(args))]
     return flags
+
+
+def bingo_warmup_epochs(args: argparse.Namespace) -> int:
+    """BINGO's released scripts keep the pair weight at 0 for 11 of 200 epochs: the same share of these."""
+    return args.bingo_warmup_epochs if args.bingo_warmup_epochs is not None else round(args.epochs * 11 / 200)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -124,6 +133,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed-weight", type=float, default=1.0,
                         help="SEED's loss alone in its paper; at 1 its gradient is InfoNCE's size at initialisation")
     parser.add_argument("--seed-queue", type=int, default=0, help="SEED's queue (default: --moco-k)")
+    parser.add_argument("--bingo-weight", type=float, default=1.0,
+                        help="BINGO's loss alone in its paper; here added to InfoNCE (its queue: --moco-k)")
+    parser.add_argument("--bingo-k", type=int, default=5, help="BINGO's bag size (its released scripts: 5)")
+    parser.add_argument("--bingo-warmup-epochs", type=int, default=None,
+                        help="default: 11/200 of --epochs, BINGO's share")
     parser.add_argument("--knn-freq", type=int, default=0, help="kNN every N epochs (default: at the end only)")
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--knn-t", type=float, default=0.07)
@@ -545,7 +559,9 @@ def run_settings(args: argparse.Namespace, teacher: Teacher) -> str:
         settings += (f"; embedding losses: CCKD weight {args.cckd_weight} (rbf-taylor, P=2, gamma 0.4), DisCo "
                      f"weight {args.disco_weight} ({'both views' if args.disco_both_views else 'query view'}"
                      f"{f', MLP hidden {args.disco_hidden_dim}' if args.disco_hidden_dim else ''}), SEED weight "
-                     f"{args.seed_weight} (queue {args.seed_queue or args.moco_k}, T 0.2 / 1e-4)")
+                     f"{args.seed_weight} (queue {args.seed_queue or args.moco_k}, T 0.2 / 1e-4), BINGO weight "
+                     f"{args.bingo_weight} (bags of {args.bingo_k}, queue {args.moco_k}, T 0.2, pair weights 0.5 / "
+                     f"0.5 after {bingo_warmup_epochs(args)} epoch(s), with the CutMix view)")
     return settings
 
 

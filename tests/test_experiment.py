@@ -206,16 +206,19 @@ def test_embedding_losses_alone_and_with_mgd(moco_teacher, fashion_dir, tmp_path
     out = moco_teacher
     stdout = _run([sys.executable, "experiments/fashion_mnist.py", "--output-dir", str(tmp_path), "--data",
                    str(fashion_dir), "--teacher-from", str(out), "--methods", "seed", "mgd-amp+cckd", "mgd-amp+disco",
-                   "--seeds", "0", "--epochs", "1", "--images", "64", "--no-random-init", "--disco-weight", "4",
+                   "mgd-amp+bingo", "--seeds", "0", "--epochs", "1", "--images", "64", "--no-random-init", "--disco-weight", "4",
                    "--disco-both-views", *TINY])
     commands = {run: next(line for line in stdout.splitlines() if "--output-dir " + str(tmp_path / "seed0" / run)
                           in line and "main_moco_mgd.py" in line)
-                for run in ("seed", "mgd-amp+cckd", "mgd-amp+disco")}
+                for run in ("seed", "mgd-amp+cckd", "mgd-amp+disco", "mgd-amp+bingo")}
     assert "--no-mgd" in commands["seed"] and "--seed-weight 1.0 --seed-queue 64" in commands["seed"]
     assert "--no-mgd" not in commands["mgd-amp+cckd"] and "--cckd-weight 20.0" in commands["mgd-amp+cckd"]
     assert "--disco-weight 4.0 --disco-both-views" in commands["mgd-amp+disco"]
+    # BINGO's warm-up is its released share of the epochs (11 of 200): none of 1 epoch.
+    assert "--bingo-weight 1.0 --bingo-k 5 --bingo-queue 64 --bingo-warmup-epochs 0" in commands["mgd-amp+bingo"]
+    assert (tmp_path / "seed0" / "mgd-amp+bingo" / "bags.pt").is_file()
     rows = {row.split(" | ")[0]: row for row in _table_rows((tmp_path / "results.md").read_text())}
-    assert {"| SEED", "| MGD-AMP + CCKD", "| MGD-AMP + DisCo"} <= rows.keys()
+    assert {"| SEED", "| MGD-AMP + CCKD", "| MGD-AMP + DisCo", "| MGD-AMP + BINGO"} <= rows.keys()
     assert "DisCo weight 4.0 (both views)" in (tmp_path / "results.md").read_text()
     cells = {row["method"]: row for row in _table_cells((tmp_path / "results.md").read_text())}
     for run, title in (("seed", "SEED"), ("mgd-amp+cckd", "MGD-AMP + CCKD"), ("mgd-amp+disco", "MGD-AMP + DisCo")):

@@ -32,15 +32,57 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         epoch, index = item
-        torch_state, python_state = torch.get_rng_state(), random.getstate()
-        seed = sample_seed(self.seed, epoch, index)
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(python_state)
+        return seeded_call(sample_seed(self.seed, epoch, index), self.dataset.__getitem__, index)
+
+
+def seeded_call(seed: int, function, *args):
+    """``function(*args)`` on torch's and Python's global RNGs seeded by ``seed``; both are put back after."""
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return function(*args)
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+
+
+# The bag-member draws are seeded from the run's seed plus this offset: distinct from the anchors'
+# augmentation seeds, so the anchors' views are those of a run without BINGO (exact pairing).
+BAG_MEMBER_SEED_OFFSET = 4_000_037
+
+
+class WithBagMember(Dataset):
+    """BINGO's samples: each of ``pairs`` (a :class:`SeededSamples` of two crops, ``((q, k), label)``)
+    with one augmented view of a member of its bag: ``((q, k, member_view), label)``.
+
+    Args:
+        pairs: the anchors' samples, indexed by ``(epoch, index)``.
+        members: the same images under one crop of the pretraining augmentation.
+        bags: ``LongTensor[N, k]``, each image's bag (:mod:`moco_mgd.training.bags`).
+        seed: the run's seed.
+
+    Which member, and its augmentation, come from RNGs seeded by ``(seed + offset, epoch, index)``
+    alone: like the anchors' views, independent of ``-j`` and the same after a resume, and they
+    leave the anchors' views exactly those of a run without BINGO.
+    """
+
+    def __init__(self, pairs: SeededSamples, members: Dataset, bags: torch.Tensor, seed: int):
+        if len(bags) != len(pairs) or len(members) != len(pairs):
+            raise ValueError(f"{len(bags)} bags and {len(members)} member images for {len(pairs)} training images: "
+                             f"the bags were built for another image set")
+        self.pairs, self.members, self.bags, self.seed = pairs, members, bags, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        (query, key), label = self.pairs[item]
+        seed = sample_seed(self.seed + BAG_MEMBER_SEED_OFFSET, epoch, index)
+        member = int(self.bags[index, random.Random(seed).randrange(self.bags.shape[1])])
+        member_view, _ = seeded_call(seed, self.members.__getitem__, member)
+        return (query, key, member_view), label
 
 
 class ResumableSampler(DistributedSampler):

@@ -1,1 +1,1 @@
-"""The distillation losses: MGD's math and distiller, CCKD, DisCo, SEED and their sum."""
+"""The distillation losses: MGD's math and distiller, CCKD, DisCo, SEED, BINGO and their sum."""

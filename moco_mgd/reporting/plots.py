@@ -36,7 +36,7 @@ __all__ = ["matching_costs", "changed_fractions", "group_representatives", "assi
 
 Records = Sequence[Mapping]
 Curve = tuple[np.ndarray, np.ndarray]  # (x, y)
-EMBEDDING_NAMES = {"cckd": "CCKD", "disco": "DisCo", "seed": "SEED"}  # how a figure names each of EMBEDDING_LOSSES
+EMBEDDING_NAMES = {"cckd": "CCKD", "disco": "DisCo", "seed": "SEED", "bingo": "BINGO"}  # how a figure names each of EMBEDDING_LOSSES
 logger = logging.getLogger("moco_mgd")
 
 

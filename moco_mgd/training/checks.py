@@ -2,6 +2,8 @@
 directory and the checkpoint to resume from, each problem with its fix."""
 from __future__ import annotations
 
+import os
+
 from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.checkpoints.formats import check_pretraining_checkpoint, load_checkpoint_file, load_frozen_teacher
 from moco_mgd.data import build_dataset, check_same_classes
@@ -12,6 +14,7 @@ from moco_mgd.models.resnet import arch_stage_channels, head_dim
 from moco_mgd.models.stages import check_image_size
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import per_process_batch
+from moco_mgd.training.bags import bag_source, check_bags, read_bags
 from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.schedules import matching_epochs
 
@@ -30,6 +33,9 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         ("--mlp-hidden-dim", c.mlp_hidden_dim, NON_NEGATIVE[0], ">= 0 (0: MoCo's width)"),
         ("--seed-weight", c.seed_weight, *NON_NEGATIVE), ("--seed-queue", c.seed_queue, *AT_LEAST_1),
         ("--seed-t", c.seed_t, *POSITIVE), ("--seed-teacher-t", c.seed_teacher_t, *POSITIVE),
+        ("--bingo-weight", c.bingo_weight, *NON_NEGATIVE), ("--bingo-k", c.bingo_k, *AT_LEAST_1),
+        ("--bingo-t", c.bingo_t, *POSITIVE), ("--bingo-queue", c.bingo_queue, *AT_LEAST_1),
+        ("--bingo-warmup-epochs", c.bingo_warmup_epochs, *NON_NEGATIVE),
         ("--shuffle-bn-splits", c.shuffle_bn_splits, *AT_LEAST_1),
         ("--keep-checkpoints", c.keep_checkpoints, NON_NEGATIVE[0], ">= 0 (0: all)"),
         ("--max-skipped-images", c.max_skipped_images, *NON_NEGATIVE),
@@ -54,7 +60,7 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         raise ValueError(f"unknown --mgd-reducer {config.mgd_reducer!r}: choose one of {', '.join(REDUCERS)}")
     matching_epochs(config.mgd_schedule, config.epochs)
     if config.use_embedding_losses and not config.teacher_checkpoint:
-        raise ValueError("--cckd-weight / --disco-weight / --seed-weight distil from a teacher: pass "
+        raise ValueError("--cckd-weight / --disco-weight / --seed-weight / --bingo-weight distil from a teacher: pass "
                          "--teacher-checkpoint (add --no-mgd to use the embedding losses without MGD)")
     if config.mlp_hidden_dim and not config.mlp:
         raise ValueError(f"--mlp-hidden-dim {config.mlp_hidden_dim} widens the MoCo-v2 MLP head: add --mlp")
@@ -63,7 +69,23 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
     if config.seed_weight > 0 and config.seed_queue % global_batch:
         raise ValueError(f"--seed-queue {config.seed_queue} is not divisible by the global batch size {global_batch}: "
                          f"SEED's queue is filled in whole batches; choose a multiple of {global_batch}")
+    if config.bingo_weight > 0 and config.bingo_queue % global_batch:
+        raise ValueError(f"--bingo-queue {config.bingo_queue} is not divisible by the global batch size {global_batch}: "
+                         f"BINGO's queue is filled in whole batches; choose a multiple of {global_batch}")
+    if config.bingo_bags and not config.bingo_weight > 0:
+        raise ValueError(f"--bingo-bags {config.bingo_bags} is for BINGO: give --bingo-weight a positive value")
     train_set = build_dataset(config.dataset, config.data, "train", val_holdout=config.val_holdout)
+    if config.use_bingo:
+        images = min(len(train_set), config.max_images or len(train_set))
+        if config.bingo_k >= images:
+            raise ValueError(f"--bingo-k {config.bingo_k}: a bag holds 1 to {images - 1} other images of the {images} "
+                             f"training images; lower --bingo-k")
+        if config.bingo_bags:
+            if not os.path.isfile(config.bingo_bags):
+                raise ValueError(f"--bingo-bags {config.bingo_bags}: no such file (build one with python -m "
+                                 f"moco_mgd.training.bags, or leave the flag out to build them in --output-dir)")
+            check_bags(read_bags(config.bingo_bags), config.bingo_bags, bag_source(**config.bag_source_arguments(images)),
+                       config.bingo_k)
     if config.knn_freq:
         check_same_classes(train_set, build_dataset(config.dataset, config.data, "val", val_holdout=config.val_holdout))
     ckpt.check_writable(config.output_dir)
@@ -108,6 +130,11 @@ def check_resume(checkpoint, config: PretrainConfig, path: str, world_size: int)
             for key in ("teacher_arch", "mgd_reducer"):
                 if key in saved and saved[key] != getattr(config, key):
                     differences.append(f"{key} {saved[key]!r} vs {getattr(config, key)!r}")
+    if config.use_bingo:
+        if "bingo_queue.queue" not in (checkpoint.get("embedding") or {}):
+            differences.append("it has no BINGO queue while --bingo-weight is on (start a new --output-dir)")
+        elif "bingo_queue" in saved and saved["bingo_queue"] != config.bingo_queue:
+            differences.append(f"bingo_queue {saved['bingo_queue']!r} vs {config.bingo_queue!r}")
     if config.seed_weight > 0:
         if "seed_queue.queue" not in (checkpoint.get("embedding") or {}):
             differences.append("it has no SEED queue while --seed-weight is on (start a new --output-dir)")

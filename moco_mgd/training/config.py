@@ -50,6 +50,14 @@ class PretrainConfig(MocoRunConfig):
     seed_queue: int = 65536
     seed_t: float = 0.2
     seed_teacher_t: float = 1e-4
+    bingo_weight: float = 0.0
+    bingo_k: int = 5
+    bingo_t: float = 0.2
+    bingo_queue: int = 65536
+    bingo_pair_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    bingo_warmup_epochs: int = 11
+    bingo_mix: bool = True
+    bingo_bags: str = ""
     amp: str = "auto"
     channels_last: bool | None = None
     keep_checkpoints: int = 2
@@ -69,7 +77,11 @@ class PretrainConfig(MocoRunConfig):
 
     @property
     def use_embedding_losses(self) -> bool:
-        return any(w > 0 for w in (self.cckd_weight, self.disco_weight, self.seed_weight))
+        return any(w > 0 for w in (self.cckd_weight, self.disco_weight, self.seed_weight, self.bingo_weight))
+
+    @property
+    def use_bingo(self) -> bool:
+        return self.bingo_weight > 0 and bool(self.teacher_checkpoint)
 
     @property
     def use_teacher(self) -> bool:
@@ -91,6 +103,13 @@ class PretrainConfig(MocoRunConfig):
             return None
         return dict(reducer=self.mgd_reducer, loss_factor=self.mgd_loss_factor, stage_weights=self.mgd_stage_weights)
 
+    def bag_source_arguments(self, num_images: int) -> dict:
+        """The arguments of :func:`~moco_mgd.training.bags.bag_source` for this run's ``num_images`` training images."""
+        return dict(teacher_checkpoint=self.teacher_checkpoint, dataset=self.dataset, data=self.data,
+                    val_holdout=self.val_holdout, max_images=self.max_images,
+                    seed=self.seed if self.seed is not None else 0, image_size=self.image_size, stem=self.stem,
+                    num_images=num_images)
+
     def embedding_arguments(self) -> dict | None:
         """The options of :class:`~moco_mgd.losses.embedding.EmbeddingDistiller`; None with its losses off."""
         if not self.use_embedding_losses:
@@ -98,4 +117,6 @@ class PretrainConfig(MocoRunConfig):
         return dict(cckd_weight=self.cckd_weight, cckd_kernel=self.cckd_kernel, cckd_gamma=self.cckd_gamma,
                     cckd_order=self.cckd_order, disco_weight=self.disco_weight, disco_both_views=self.disco_both_views,
                     seed_weight=self.seed_weight, seed_queue=self.seed_queue, seed_t=self.seed_t,
-                    seed_teacher_t=self.seed_teacher_t)
+                    seed_teacher_t=self.seed_teacher_t, bingo_weight=self.bingo_weight, bingo_queue=self.bingo_queue,
+                    bingo_t=self.bingo_t, bingo_pair_weights=tuple(self.bingo_pair_weights),
+                    bingo_warmup_epochs=self.bingo_warmup_epochs, bingo_mix=self.bingo_mix)

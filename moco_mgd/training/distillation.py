@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from moco_mgd.losses.embedding import EmbeddingDistiller
+from moco_mgd.losses.bingo import cutmix
+from moco_mgd.losses.embedding import BagViews, EmbeddingDistiller
 from moco_mgd.losses.mgd_distiller import MGDistiller
 from moco_mgd.training.matching import collect_matching_costs
 from moco_mgd.models.moco import MoCo, MoCoOutput, infonce
@@ -39,6 +40,7 @@ logger = logging.getLogger("moco_mgd")
 # the global stream's seed, so no draw of the teacher or of random drop repeats one of the student's.
 BUILD_SEED_OFFSET = 1_000_003
 DRAWS_SEED_OFFSET = 2_000_003
+BAG_DRAWS_SEED_OFFSET = 3_000_017
 
 
 @contextmanager
@@ -56,12 +58,14 @@ class TeacherTargets(NamedTuple):
 
     ``output``: its output on the query view (the embedding, when it kept its MoCo-v2 head);
     ``stages``: its four pre-ReLU stage features on the query view, with MGD, else None;
-    ``key_view_output``: its output on the key view, for DisCo on both views, else None.
+    ``key_view_output``: its output on the key view, for DisCo on both views, else None;
+    ``bag_output``: its output on the view of each image's bag member, for BINGO, else None.
     """
 
     output: torch.Tensor
     stages: list[torch.Tensor] | None = None
     key_view_output: torch.Tensor | None = None
+    bag_output: torch.Tensor | None = None
 
 
 class StepLosses(NamedTuple):
@@ -88,6 +92,8 @@ class Distillation(nn.Module):
         fixed_matching: MGD without matching (``--mgd-schedule none``): channels assigned in order.
         generator: the random source of the per-step draws (random drop), on the training device;
             checkpointed with the run.
+        bag_generator: the CPU random source of BINGO's CutMix boxes, the same on every rank;
+            checkpointed with the run.
 
     ``mgd`` and ``embedding`` are submodules (MGD's student BNs and the embedding heads train, inside
     the one DDP-wrapped :class:`PretrainModel`). The teacher is not: it never trains, so ``train()``,
@@ -101,7 +107,8 @@ class Distillation(nn.Module):
 
     def __init__(self, teacher: nn.Module | None = None, mgd: MGDistiller | None = None,
                  embedding: EmbeddingDistiller | None = None, match_epochs: Iterable[int] = (),
-                 fixed_matching: bool = False, generator: torch.Generator | None = None):
+                 fixed_matching: bool = False, generator: torch.Generator | None = None,
+                 bag_generator: torch.Generator | None = None):
         super().__init__()
         if teacher is None and (mgd is not None or embedding is not None):
             raise ValueError("distillation losses need a teacher")
@@ -111,6 +118,8 @@ class Distillation(nn.Module):
         self.match_epochs = list(match_epochs)
         self.fixed_matching = fixed_matching
         self.generator = generator
+        self.bag_generator = bag_generator if bag_generator is not None else torch.Generator()
+        self.bags_sha256: str | None = None   # BINGO's bag file, recorded in the checkpoint
 
     @classmethod
     def build(cls, student: nn.Module, device: torch.device, *, teacher_arch: str, teacher_checkpoint: str,
@@ -142,7 +151,8 @@ class Distillation(nn.Module):
             if embedding is not None:
                 embedding_loss = EmbeddingDistiller(embedding_dim, head_dim(teacher), **embedding).to(device)
         generator = torch.Generator(device=device).manual_seed(seed + DRAWS_SEED_OFFSET)
-        return cls(teacher, mgd_loss, embedding_loss, match_epochs, fixed_matching=fixed_matching, generator=generator)
+        return cls(teacher, mgd_loss, embedding_loss, match_epochs, fixed_matching=fixed_matching, generator=generator,
+                   bag_generator=torch.Generator().manual_seed(seed + BAG_DRAWS_SEED_OFFSET))
 
     @property
     def needs_stages(self) -> bool:
@@ -152,6 +162,21 @@ class Distillation(nn.Module):
     def needs_key_view(self) -> bool:
         return self.embedding is not None and self.embedding.needs_key_view
 
+    @property
+    def needs_bag_view(self) -> bool:
+        return self.embedding is not None and self.embedding.needs_bag_view
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch (BINGO's warm-up depends on it)."""
+        if self.embedding is not None:
+            self.embedding.epoch = epoch
+
+    def mixed_view(self, im_q: torch.Tensor, im_bag: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
+        """BINGO's CutMix of the anchors' query view and their members' view, or (None, None) without it."""
+        if not self.embedding.bingo_mix:
+            return None, None
+        return cutmix(im_q, im_bag, self.bag_generator)
+
     def describe(self, teacher_arch: str) -> str:
         """For the run's first log line."""
         mgd = f"from {teacher_arch} {self.mgd.reducer}" if self.mgd is not None else "off"
@@ -159,7 +184,8 @@ class Distillation(nn.Module):
         return f"MGD {mgd}; embedding losses {embedding}"
 
     @torch.no_grad()
-    def teacher_targets(self, im_q: torch.Tensor, im_k: torch.Tensor) -> TeacherTargets | None:
+    def teacher_targets(self, im_q: torch.Tensor, im_k: torch.Tensor,
+                        im_bag: torch.Tensor | None = None) -> TeacherTargets | None:
         """The teacher's forward on this batch: what the losses compare the student with (None when off)."""
         if self.teacher is None:
             return None
@@ -168,10 +194,13 @@ class Distillation(nn.Module):
         else:
             output, stages = self.teacher(im_q), None
         key_view_output = self.teacher(im_k) if self.needs_key_view else None  # DisCo's extra pass
-        return TeacherTargets(output, stages, key_view_output)
+        bag_output = self.teacher(im_bag) if self.needs_bag_view else None     # BINGO's extra pass
+        return TeacherTargets(output, stages, key_view_output, bag_output)
 
-    def forward(self, moco: MoCoOutput, targets: TeacherTargets | None, infonce: torch.Tensor) -> StepLosses:
-        """InfoNCE plus the losses of what the student computed (``moco``) against the teacher's ``targets``."""
+    def forward(self, moco: MoCoOutput, targets: TeacherTargets | None, infonce: torch.Tensor,
+                bag: BagViews | None = None) -> StepLosses:
+        """InfoNCE plus the losses of what the student computed (``moco``, and ``bag`` for BINGO)
+        against the teacher's ``targets``."""
         loss, mgd_loss, per_stage, parts = infonce, None, {}, {}
         if self.mgd is not None:
             mgd_loss, stage_losses = self.mgd(moco.query_stages, targets.stages, self.generator)
@@ -179,7 +208,7 @@ class Distillation(nn.Module):
             loss = loss + mgd_loss
         if self.embedding is not None:
             embedding_loss, parts = self.embedding(moco.query, targets.output, moco.query_key_view,
-                                                   targets.key_view_output)
+                                                   targets.key_view_output, bag)
             loss = loss + embedding_loss
         return StepLosses(loss, infonce, moco, mgd_loss, per_stage, parts)
 
@@ -191,7 +220,9 @@ class Distillation(nn.Module):
     def checkpoint_entries(self) -> dict:
         return {"mgd": self.mgd.state_dict() if self.mgd is not None else None,
                 "embedding": self.embedding.state_dict() if self.embedding is not None else None,
-                "distillation_rng": self.generator.get_state() if self.generator is not None else None}
+                "distillation_rng": self.generator.get_state() if self.generator is not None else None,
+                **({"bag_rng": self.bag_generator.get_state(), "bingo_bags_sha256": self.bags_sha256}
+                   if self.needs_bag_view else {})}
 
     def load_checkpoint_entries(self, state: dict) -> None:
         if self.mgd is not None:
@@ -200,6 +231,8 @@ class Distillation(nn.Module):
             self.embedding.load_state_dict(state["embedding"])
         if self.generator is not None and state.get("distillation_rng") is not None:
             self.generator.set_state(state["distillation_rng"].cpu())
+        if state.get("bag_rng") is not None:
+            self.bag_generator.set_state(state["bag_rng"].cpu())
 
     # ---- MGD's matching schedule: coordinate descent between training epochs -------------
     def prepare(self, student: nn.Module, loader: Iterable | None, device: torch.device,
@@ -253,9 +286,16 @@ class PretrainModel(nn.Module):
         self.moco = moco
         self.distillation = distillation if distillation is not None else Distillation()
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> StepLosses:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, im_bag: torch.Tensor | None = None) -> StepLosses:
         distillation = self.distillation
-        targets = distillation.teacher_targets(im_q, im_k)
+        if distillation.needs_bag_view and im_bag is None:
+            raise ValueError("BINGO needs each anchor's bag-member view: the loader must yield (im_q, im_k, im_bag)")
+        targets = distillation.teacher_targets(im_q, im_k, im_bag)
         moco = self.moco(im_q, im_k, query_on_key_view=distillation.needs_key_view,
                          with_stages=distillation.needs_stages)
-        return distillation(moco, targets, infonce(moco))._replace(temperature=self.moco.T)
+        bag = None
+        if distillation.needs_bag_view:   # BINGO: the student on the member's view and on the CutMix
+            mixed, share = distillation.mixed_view(im_q, im_bag)
+            bag = BagViews(self.moco.encoder_q(im_bag), targets.bag_output,
+                           self.moco.encoder_q(mixed) if mixed is not None else None, share)
+        return distillation(moco, targets, infonce(moco), bag)._replace(temperature=self.moco.T)

@@ -97,17 +97,19 @@ def training_step(
     im_k: torch.Tensor,
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
+    im_bag: torch.Tensor | None = None,
 ) -> StepOutput:
     """One SGD step of the :class:`~moco_mgd.training.distillation.PretrainModel` (wrapped in DDP or not).
 
     One forward of the model gives every loss: the teacher's targets (none when distillation is
-    off), InfoNCE of the query/key views and the distillation losses.
+    off), InfoNCE of the query/key views and the distillation losses. ``im_bag``: BINGO's view of
+    each image's bag member.
 
     Nothing here waits for the device: the loss is not read back, and a non-finite one is
     caught by :func:`train_one_epoch` at its next read (every ``-p`` steps).
     """
     with torch.autocast(im_q.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        losses = model(im_q, im_k)
+        losses = model(im_q, im_k) if im_bag is None else model(im_q, im_k, im_bag)
     loss, logits, labels = losses.loss, losses.moco.logits, losses.moco.labels
     out = StepOutput(loss.detach(), losses.infonce.detach(),
                      (logits.detach().argmax(1) == labels).float().mean() * 100,
@@ -180,11 +182,10 @@ def train_one_epoch(
             raise _non_finite_error(epoch, int(first_bad), dict(zip(names, bad_values.tolist())))
         return dict(zip(names, last.tolist()))
 
-    for i, ((im_q, im_k), _) in enumerate(loader, start=done):
+    for i, (views, _) in enumerate(loader, start=done):   # views: (im_q, im_k), or with BINGO (im_q, im_k, im_bag)
         data_time += time.perf_counter() - last_time
-        im_q = _batch_to(im_q, device, channels_last)
-        im_k = _batch_to(im_k, device, channels_last)
-        out = training_step(model, optimizer, im_q, im_k, scaler, autocast_dtype)
+        im_q, im_k, *im_bag = (_batch_to(view, device, channels_last) for view in views)
+        out = training_step(model, optimizer, im_q, im_k, scaler, autocast_dtype, im_bag[0] if im_bag else None)
         logged = out.logged()
         if names is None:
             names = list(logged)

@@ -25,12 +25,13 @@ from moco_mgd.models.stages import degenerate_image_size
 from moco_mgd.checkpoints import files as ckpt
 from moco_mgd.runtime import precision
 from moco_mgd.runtime import distributed
-from moco_mgd.data import (ResumableSampler, SeededSamples, TwoCropsTransform, build_dataset, eval_transform,
-                                   pretrain_transform, random_subset)
+from moco_mgd.data import (ResumableSampler, SeededSamples, TwoCropsTransform, WithBagMember, build_dataset,
+                           eval_transform, pretrain_transform, random_subset)
 from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.logs import MetricsLog, furthest_logged, setup_logging
 from moco_mgd.runtime.loader_workers import ignore_stop_signals, shut_down_workers
 from moco_mgd.runtime.stopping import StopRequest, signal_names
+from moco_mgd.training.bags import BAG_FILE, bag_source, build_bags, check_bags, file_sha256, read_bags
 from moco_mgd.training.checks import check_resume
 from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.distillation import Distillation, PretrainModel, own_random_stream
@@ -66,6 +67,30 @@ def pretrain(config: PretrainConfig, env: DistEnv) -> frozenset[int]:
     # The loaders' workers end before the stop handlers go: however the run ends (see loader_workers).
     with StopRequest.for_run(env.dist_timeout_s) as stop, ExitStack() as at_end:
         return _pretrain(config, env, output_dir, stop, at_end)
+
+
+def _bingo_bags(config: PretrainConfig, env: DistEnv, output_dir: Path, distillation: Distillation, images,
+                resumed_sha256: str | None, batch: int, autocast_dtype: torch.dtype | None, seed: int) -> torch.Tensor:
+    """BINGO's bags for this run: those it trained with (a resume), those of --bingo-bags, or built
+    in the output directory (reused while teacher and images are the same)."""
+    path = Path(config.bingo_bags) if config.bingo_bags else output_dir / BAG_FILE
+    source = bag_source(**config.bag_source_arguments(len(images)))
+    if resumed_sha256 is not None or config.bingo_bags:
+        if resumed_sha256 is not None and (not path.is_file() or file_sha256(path) != resumed_sha256):
+            raise ValueError(f"the checkpoint was trained with the bags of sha256 {resumed_sha256[:12]}..., and "
+                             f"{path} {'is another file' if path.is_file() else 'is missing'}: put that bag file back "
+                             f"(or pass it with --bingo-bags), or start a new --output-dir")
+        state = read_bags(path)
+        check_bags(state, path, source, config.bingo_k)
+        bags, sha256 = state["bags"], file_sha256(path)
+        logger.info(f"BINGO: bags of {len(bags)} images (k={config.bingo_k}) from {path}")
+    else:
+        # The extraction's loader draws its seed from the global stream: drawn aside (exact pairing).
+        with own_random_stream(seed, env.device):
+            bags, sha256 = build_bags(distillation.teacher, images, config.bingo_k, source, path, batch, env.device,
+                                      config.workers, autocast_dtype)
+    distillation.bags_sha256 = sha256
+    return bags
 
 
 def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: StopRequest,
@@ -119,9 +144,12 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
 
     # Each image's augmentations are seeded by (seed, epoch, index): an epoch resumed part-way
     # goes on with the batches it would have had, whatever -j.
-    train_set = SeededSamples(train_images(TwoCropsTransform(pretrain_transform(config.image_size, config.aug_plus,
-                                                                               config.crop_min))),
-                              seed)
+    augmentation = pretrain_transform(config.image_size, config.aug_plus, config.crop_min)
+    train_set = SeededSamples(train_images(TwoCropsTransform(augmentation)), seed)
+    if distillation.needs_bag_view:
+        bags = _bingo_bags(config, env, output_dir, distillation, train_images(eval_transform(config.image_size)),
+                           state.get("bingo_bags_sha256") if resume else None, batch, autocast_dtype, seed)
+        train_set = WithBagMember(train_set, train_images(augmentation), bags, seed)
     sampler = ResumableSampler(train_set, batch, env.world_size, env.rank, seed)
     train_loader = _loader(train_set, batch, env, config.workers, seed, sampler)
     at_end.callback(shut_down_workers, train_loader)
@@ -166,6 +194,7 @@ def _pretrain(config: PretrainConfig, env: DistEnv, output_dir: Path, stop: Stop
         for epoch in range(start_epoch, config.epochs):
             resumed = progress if epoch == start_epoch else None
             train_loader.sampler.set_epoch(epoch, resumed.iteration if resumed is not None else 0)
+            distillation.start_epoch(epoch)
             lr = learning_rate(config.lr, epoch, config.epochs, config.cos, config.schedule)
             set_learning_rate(optimizer, lr)
             try:
