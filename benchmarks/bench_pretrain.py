@@ -44,6 +44,9 @@ STEPS = {
     "disco2": ("MoCo-v2 + DisCo (both views, MLP hidden 2048)", False,
                {"disco_weight": 1.0, "disco_both_views": True}, 2048),
     "seed": ("MoCo-v2 + SEED (queue 4096)", False, {"seed_weight": 1.0, "seed_queue": 4096}, None),
+    "bingo": ("MoCo-v2 + BINGO (member and CutMix views, queue 4096)", False,
+              {"bingo_weight": 1.0, "bingo_queue": 4096}, None),
+    "mgd+bingo": ("MoCo-v2 + MGD ({reducer}) + BINGO", True, {"bingo_weight": 1.0, "bingo_queue": 4096}, None),
     "mgd+all": ("MoCo-v2 + MGD ({reducer}) + CCKD + DisCo + SEED", True,
                 {"cckd_weight": 1.0, "disco_weight": 1.0, "seed_weight": 1.0, "seed_queue": 4096}, None),
 }
@@ -78,6 +81,7 @@ def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float
     torch.manual_seed(0)
     im_q = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=memory_format)
     im_k = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=memory_format)
+    im_bag = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=memory_format)   # BINGO's member view
 
     def make_teacher(with_head: bool) -> torch.nn.Module:
         # Random weights: the cost does not depend on them. The MoCo-v2 head only where an
@@ -117,7 +121,8 @@ def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float
     model.train()
 
     def step():
-        training_step(pretrain_model, optimizer, im_q, im_k, autocast_dtype=dtype)
+        training_step(pretrain_model, optimizer, im_q, im_k, autocast_dtype=dtype,
+                      im_bag=im_bag if pretrain_model.distillation.needs_bag_view else None)
 
     seconds, peak_gpu = measure(step, device, args.warmup, args.iters)
     return name.format(reducer=args.reducer), seconds, peak_gpu, peak_rss_bytes(), rss_start, torch.get_num_threads()
