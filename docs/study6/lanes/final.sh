@@ -8,6 +8,11 @@
 #   random_bn     ... with its BN statistics re-estimated on the training images: control (b)
 #   random_match  control (a) with its first-epoch MGD loss matched to sup's through the factor: control (c)
 #   sup1, sup2    the teacher ladder: the supervised ResNet-50 after 1 and 2 epochs
+#   moco          MGD-AMP from the MoCo-v2 ResNet-50 of moco_teacher.sh (ROOT/moco_teacher)
+#   moco_disco    DisCo and DisCo + MGD-AMP from it (the embedding losses need its MoCo-v2 head; after row moco)
+#   moco_bingo    BINGO and BINGO + MGD-AMP from it
+#   moco_rest     CCKD, SEED and each + MGD-AMP from it
+# The MoCo-v2 teacher's students use the factor chosen with the supervised teacher (no selection of their own).
 # Resumable: a finished run is not redone.
 #   bash docs/study6/lanes/final.sh ROOT [ROW ...]      (from the repository root)
 # The loss factor is the one select.sh's rule chose (ROOT/select/chosen_factor); LOSS_FACTOR=F overrides it.
@@ -23,6 +28,14 @@ RECIPE=(--images 2048 --image-size 32 --epochs 20 -b 64 --lr 0.0075 --moco-k 102
 student() {  # DIR, then the teacher's flags
   local dir=$1; shift
   $PY experiments/fashion_mnist.py --output-dir "$ROOT/$dir" "${RECIPE[@]}" --methods mgd-amp --baseline-from "$ROOT/base" "$@"
+}
+from_moco() {  # DIR, then the methods
+  local dir=$1; shift
+  [ -f "$BASE/moco_teacher/checkpoint_0023.pth.tar" ] || { echo "run moco_teacher.sh $BASE first" >&2; exit 2; }
+  local teacher=(--teacher-checkpoint "$BASE/moco_teacher/checkpoint_0023.pth.tar")   # evaluated once, in row moco
+  [ "$dir" = moco ] || teacher=(--teacher-from "$ROOT/moco")
+  $PY experiments/fashion_mnist.py --output-dir "$ROOT/$dir" "${RECIPE[@]}" --baseline-from "$ROOT/base" \
+      "${teacher[@]}" --mgd-loss-factor "$LF" --methods "$@"
 }
 first_epoch_mgd() {  # the mean MGD loss of seed 0's first epoch in DIR
   $PY -c "import json,sys; print(next(r['mgd'] for r in map(json.loads, open(sys.argv[1])) if r['kind'] == 'epoch'))" \
@@ -42,6 +55,10 @@ for row in "${ROWS[@]}"; do
                "$LF" "$(first_epoch_mgd random)" "$(first_epoch_mgd sup)")
       echo "control (c): loss factor $factor"
       student random_match --teacher-from "$ROOT/random" --mgd-loss-factor "$factor" ;;
+    moco) from_moco moco mgd-amp ;;
+    moco_disco) from_moco moco_disco disco mgd-amp+disco ;;
+    moco_bingo) from_moco moco_bingo bingo mgd-amp+bingo ;;
+    moco_rest) from_moco moco_rest cckd seed mgd-amp+cckd mgd-amp+seed ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
 done
