@@ -52,6 +52,7 @@ STEPS = {  # name: (MGD on, embedding-loss weights)
     "MoCo-v2 R18": (False, None),
     "MoCo-v2 + MGD-AMP": (True, None),
     "MoCo-v2 + MGD + DisCo + SEED": (True, {"disco_weight": 1.0, "seed_weight": 1.0, "seed_queue": 4096}),
+    "MoCo-v2 + MGD + BINGO": (True, {"bingo_weight": 1.0, "bingo_queue": 4096}),
 }
 
 
@@ -98,6 +99,7 @@ def step_benchmarks(device: torch.device, size: dict) -> dict:
     torch.manual_seed(0)
     im_q = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=memory_format)
     im_k = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=memory_format)
+    im_bag = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=memory_format)   # BINGO's member view
     rows = {}
 
     teacher = _teacher(device, memory_format, with_head=False)
@@ -127,7 +129,8 @@ def step_benchmarks(device: torch.device, size: dict) -> dict:
         optimizer = torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4)
 
         def step():
-            training_step(model, optimizer, im_q, im_k, autocast_dtype=dtype)
+            training_step(model, optimizer, im_q, im_k, autocast_dtype=dtype,
+                          im_bag=im_bag if distillation.needs_bag_view else None)
         seconds, peak = measure(step, device, warmup=2, iters=size["iters"])
         rows[name] = {"seconds": seconds, "images_per_s": b / seconds, "peak_gib": peak, "flops": flops_of(step)}
     plain, teacher_s = rows["MoCo-v2 R18"]["seconds"], rows["R50 teacher forward"]["seconds"]

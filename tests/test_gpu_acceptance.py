@@ -20,7 +20,8 @@ def test_the_acceptance_run_writes_a_whole_report_on_cpu(tmp_path):
     assert report["errors"] == {}
     assert {"torch", "torchvision", "faiss", "torch_cuda", "faiss_and_torch_share_the_gpu"} <= report["versions"].keys()
     rows = report["steps"]["rows"]
-    assert list(rows) == ["R50 teacher forward", "MoCo-v2 R18", "MoCo-v2 + MGD-AMP", "MoCo-v2 + MGD + DisCo + SEED"]
+    assert list(rows) == ["R50 teacher forward", "MoCo-v2 R18", "MoCo-v2 + MGD-AMP", "MoCo-v2 + MGD + DisCo + SEED",
+                          "MoCo-v2 + MGD + BINGO"]
     for row in rows.values():
         assert row["seconds"] > 0 and row["images_per_s"] > 0 and row["flops"] > 0
     # a step with MGD does more arithmetic than the plain one plus nothing: the teacher's forward at least
