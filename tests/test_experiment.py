@@ -81,7 +81,7 @@ def test_demo_trains_three_networks_and_prints_the_table(demo):
     assert config["arch"] == "resnet18" and config["epochs"] == 1
     mgd_command = next(line for line in stdout.splitlines() if "--output-dir " + str(out / "seed0/mgd-amp") in line)
     assert "--teacher-checkpoint " + str(out / "teacher" / "teacher.pth") in mgd_command
-    assert "--mgd-loss-factor 30.0" in mgd_command and "--crop-min 0.8" in mgd_command   # study 6's recipe
+    assert "--mgd-loss-factor 100.0" in mgd_command and "--crop-min 0.8" in mgd_command   # study 6's recipe and factor
     table = (out / "results.md").read_text()
     assert table.split("\n\n", 1)[-1] in stdout  # the table and summary printed are those written
     summary = [line for line in stdout.splitlines() if line.startswith("In short: ")]
@@ -182,7 +182,7 @@ def test_report_only_assembles_the_table_and_points_to_each_runs_command(demo):
     assert rows[:3] == [["| teacher (supervised resnet50)", "0"], ["| baseline (MoCo-v2 resnet18)", "0"],
                         ["| MGD-AMP", "0"]] and "In short: " in report
     command = (out / "seed0" / "mgd-amp" / "stdout.txt").read_text().splitlines()[0]
-    assert command.startswith("$ ") and "main_moco_mgd.py" in command and "--mgd-loss-factor 30.0" in command
+    assert command.startswith("$ ") and "main_moco_mgd.py" in command and "--mgd-loss-factor 100.0" in command
 
 
 def test_students_of_an_earlier_experiments_teacher(demo, fashion_dir, tmp_path):

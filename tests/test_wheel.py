@@ -20,8 +20,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as pip vendors it
     from pip._vendor import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["moco-mgd-pretrain", "moco-mgd-lincls", "moco-mgd-knn", "moco-mgd-export", "moco-mgd-plots",
-            "moco-mgd-submit"]
+COMMANDS = ["moco-mgd-pretrain", "moco-mgd-lincls", "moco-mgd-knn", "moco-mgd-bags", "moco-mgd-export",
+            "moco-mgd-plots", "moco-mgd-submit"]
 
 
 @pytest.fixture(scope="module")
