@@ -17,7 +17,6 @@ unfinished pretraining resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from moco_mgd.checkpoints.files import file_sha256
 from moco_mgd.losses.mgd_distiller import DEFAULT_STAGE_WEIGHTS
 from moco_mgd.reporting import plots
 from moco_mgd.data import FASHION_MNIST_DIR, VAL_HOLDOUT_HELP, evaluated_on, find_fashion_mnist
@@ -333,14 +333,6 @@ def make_random_teacher(args, data: str, seed: int, run_dir: Path, kind: str) ->
     seconds = run_command(command + (["--recalibrate-bn"] if kind == "random-bn" else []), run_dir / "stdout.txt")
     return linear_evaluation(args, data, "teacher", seed, run_dir, args.teacher_arch, 0, run_dir / TEACHER_FILE,
                              seconds, knn_here=True, teacher_kind=kind)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def adopted_teacher_epochs(path: str) -> int:

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 import main_moco_mgd
 from moco_mgd.losses.bingo import bingo_loss, contrast_with_positives, cutmix
 from moco_mgd.losses.embedding import BagViews, EmbeddingDistiller
-from moco_mgd.training.bags import BAG_FILE, file_sha256, main as bags_main, search_bags
+from moco_mgd.checkpoints.files import file_sha256
+from moco_mgd.training.bags import BAG_FILE, main as bags_main, search_bags
 from tests.helpers import free_port, make_image_folder, moco_v2_checkpoint
-from tests.test_pretrain import _assert_same_state, _load, _stop_at
+from tests.test_pretrain import _assert_same_state, _fails, _load, _stop_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,15 +237,6 @@ def test_the_bag_command_writes_what_a_run_accepts_and_a_run_refuses_other_bags(
     _fails(_args(data, tmp_path / "c", teacher, "--bingo-bags", str(bags), "--bingo-k", "4"), capsys,
            "holds bags of 3 images, not --bingo-k 4")
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
-
-
-def _fails(args, capsys, *fragments):
-    with pytest.raises(SystemExit) as info:
-        main_moco_mgd.main(args)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def test_bad_bingo_settings_are_refused_before_any_work(data, teacher, tmp_path, capsys):

@@ -17,6 +17,7 @@ loads with ``torch.load(weights_only=True)``):
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import random
@@ -40,6 +41,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "with_module_prefix",
+    "file_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -303,3 +305,12 @@ def with_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     """MoCo's keys as DDP writes them (``module.encoder_q...``), whatever the wrapping."""
     return {(k if k.startswith("module.") else f"module.{k}"): v.detach().cpu() if isinstance(v, torch.Tensor) else v
             for k, v in state_dict.items()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file (a teacher checkpoint, a bag file), read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,7 +16,6 @@ Also a command, to build the bags once and share them between runs (``--bingo-ba
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from moco_mgd.checkpoints import files as ckpt
+from moco_mgd.checkpoints.files import file_sha256
 from moco_mgd.checkpoints.formats import load_frozen_teacher
 from moco_mgd.data import DATASETS, VAL_HOLDOUT_HELP, build_dataset, eval_transform, random_subset
 from moco_mgd.evaluation.features import extract_features
@@ -37,21 +37,13 @@ from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, resnet_trunk
 from moco_mgd.runtime import distributed
 from moco_mgd.runtime.logs import format_duration
 
-__all__ = ["BAG_FILE", "BagSource", "search_bags", "bag_source", "file_sha256", "read_bags", "check_bags",
+__all__ = ["BAG_FILE", "BagSource", "search_bags", "bag_source", "read_bags", "check_bags",
            "build_bags", "main"]
 
 logger = logging.getLogger("moco_mgd")
 
 BAG_FILE = "bags.pt"   # in the run's output directory, unless --bingo-bags names one
 FORMAT = 1
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from moco_mgd.runtime.launch import DistEnv, per_process_batch
 from moco_mgd.runtime.logs import MetricsLog, furthest_logged, setup_logging
 from moco_mgd.runtime.loader_workers import ignore_stop_signals, shut_down_workers
 from moco_mgd.runtime.stopping import StopRequest, signal_names
-from moco_mgd.training.bags import BAG_FILE, bag_source, build_bags, check_bags, file_sha256, read_bags
+from moco_mgd.checkpoints.files import file_sha256
+from moco_mgd.training.bags import BAG_FILE, bag_source, build_bags, check_bags, read_bags
 from moco_mgd.training.checks import check_resume
 from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.distillation import Distillation, PretrainModel, own_random_stream
