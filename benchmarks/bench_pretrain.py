@@ -121,8 +121,7 @@ def run_config(config: str, args: argparse.Namespace) -> tuple[str, float, float
     model.train()
 
     def step():
-        training_step(pretrain_model, optimizer, im_q, im_k, autocast_dtype=dtype,
-                      im_bag=im_bag if pretrain_model.distillation.needs_bag_view else None)
+        training_step(pretrain_model, optimizer, im_q, im_k, autocast_dtype=dtype, im_bag=im_bag)   # unused without BINGO
 
     seconds, peak_gpu = measure(step, device, args.warmup, args.iters)
     return name.format(reducer=args.reducer), seconds, peak_gpu, peak_rss_bytes(), rss_start, torch.get_num_threads()

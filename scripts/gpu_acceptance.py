@@ -129,8 +129,7 @@ def step_benchmarks(device: torch.device, size: dict) -> dict:
         optimizer = torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4)
 
         def step():
-            training_step(model, optimizer, im_q, im_k, autocast_dtype=dtype,
-                          im_bag=im_bag if distillation.needs_bag_view else None)
+            training_step(model, optimizer, im_q, im_k, autocast_dtype=dtype, im_bag=im_bag)   # unused without BINGO
         seconds, peak = measure(step, device, warmup=2, iters=size["iters"])
         rows[name] = {"seconds": seconds, "images_per_s": b / seconds, "peak_gib": peak, "flops": flops_of(step)}
     plain, teacher_s = rows["MoCo-v2 R18"]["seconds"], rows["R50 teacher forward"]["seconds"]

@@ -37,7 +37,7 @@ from moco_mgd.models.resnet import RESNET_ARCHS, STEMS, resnet_trunk
 from moco_mgd.runtime import distributed
 from moco_mgd.runtime.logs import format_duration
 
-__all__ = ["BAG_FILE", "BagSource", "search_bags", "bag_source", "read_bags", "check_bags",
+__all__ = ["BAG_FILE", "BagSource", "check_bag_size", "search_bags", "bag_source", "read_bags", "check_bags",
            "build_bags", "main"]
 
 logger = logging.getLogger("moco_mgd")
@@ -73,15 +73,20 @@ def bag_source(teacher_checkpoint: str, dataset: str, data: str, val_holdout: fl
         "image_size": int(image_size), "stem": stem, "num_images": int(num_images)})
 
 
+def check_bag_size(k: int, num_images: int) -> None:
+    """A bag holds 1 to ``num_images - 1`` other images."""
+    if not 1 <= k < num_images:
+        raise ValueError(f"--bingo-k {k}: a bag holds 1 to {num_images - 1} other images of the {num_images} "
+                         f"training images; lower --bingo-k")
+
+
 def search_bags(features: torch.Tensor, k: int, backend: str = "faiss", chunk_size: int = 4096) -> torch.Tensor:
     """Each row's ``k`` most cosine-similar *other* rows, nearest first: ``LongTensor[N, k]``.
 
     The search asks for ``k + 1`` neighbours and drops the row itself; where an exact duplicate
     pushed the row out of its own list, the farthest neighbour goes instead.
     """
-    if not 1 <= k < len(features):
-        raise ValueError(f"--bingo-k {k}: a bag holds 1 to {len(features) - 1} other images of the "
-                         f"{len(features)} training images")
+    check_bag_size(k, len(features))
     _, neighbours = knn_search(features, features, k + 1, backend=backend, chunk_size=chunk_size)
     neighbours = neighbours.cpu()
     drop = neighbours == torch.arange(len(features))[:, None]
@@ -182,9 +187,10 @@ def main(argv: list[str] | None = None) -> None:
                            val_holdout=args.val_holdout)
     if args.max_images:
         images = random_subset(images, args.max_images, args.seed)
-    if not 1 <= args.bingo_k < len(images):
-        raise SystemExit(f"--bingo-k {args.bingo_k}: a bag holds 1 to {len(images) - 1} other images of the "
-                         f"{len(images)} training images")
+    try:
+        check_bag_size(args.bingo_k, len(images))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     teacher = load_frozen_teacher(args.teacher_arch, args.teacher_checkpoint, stem=args.stem).to(args.device)
     source = bag_source(args.teacher_checkpoint, args.dataset, args.data, args.val_holdout, args.max_images,
                         args.seed, args.image_size, args.stem, len(images))

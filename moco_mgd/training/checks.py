@@ -14,7 +14,7 @@ from moco_mgd.models.resnet import arch_stage_channels, head_dim
 from moco_mgd.models.stages import check_image_size
 from moco_mgd.runtime.flag_checks import AT_LEAST_1, IN_0_1, NON_NEGATIVE, POSITIVE, check_numbers, training_rules
 from moco_mgd.runtime.launch import per_process_batch
-from moco_mgd.training.bags import bag_source, check_bags, read_bags
+from moco_mgd.training.bags import bag_source, check_bag_size, check_bags, read_bags
 from moco_mgd.training.config import PretrainConfig
 from moco_mgd.training.schedules import matching_epochs
 
@@ -66,20 +66,16 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
         raise ValueError(f"--mlp-hidden-dim {config.mlp_hidden_dim} widens the MoCo-v2 MLP head: add --mlp")
     if config.embedding_bn and not config.mlp:
         raise ValueError("--embedding-bn is a layer of the MoCo-v2 MLP head: add --mlp")
-    if config.seed_weight > 0 and config.seed_queue % global_batch:
-        raise ValueError(f"--seed-queue {config.seed_queue} is not divisible by the global batch size {global_batch}: "
-                         f"SEED's queue is filled in whole batches; choose a multiple of {global_batch}")
-    if config.bingo_weight > 0 and config.bingo_queue % global_batch:
-        raise ValueError(f"--bingo-queue {config.bingo_queue} is not divisible by the global batch size {global_batch}: "
-                         f"BINGO's queue is filled in whole batches; choose a multiple of {global_batch}")
+    for loss, queue in _queued_losses(config):
+        if queue % global_batch:
+            raise ValueError(f"--{loss}-queue {queue} is not divisible by the global batch size {global_batch}: "
+                             f"{loss.upper()}'s queue is filled in whole batches; choose a multiple of {global_batch}")
     if config.bingo_bags and not config.bingo_weight > 0:
         raise ValueError(f"--bingo-bags {config.bingo_bags} is for BINGO: give --bingo-weight a positive value")
     train_set = build_dataset(config.dataset, config.data, "train", val_holdout=config.val_holdout)
     if config.use_bingo:
         images = min(len(train_set), config.max_images or len(train_set))
-        if config.bingo_k >= images:
-            raise ValueError(f"--bingo-k {config.bingo_k}: a bag holds 1 to {images - 1} other images of the {images} "
-                             f"training images; lower --bingo-k")
+        check_bag_size(config.bingo_k, images)
         if config.bingo_bags:
             if not os.path.isfile(config.bingo_bags):
                 raise ValueError(f"--bingo-bags {config.bingo_bags}: no such file (build one with python -m "
@@ -99,6 +95,12 @@ def validate(config: PretrainConfig, world_size: int, local_world_size: int) -> 
     resume = config.resume or ckpt.latest_checkpoint(config.output_dir)
     if resume:
         check_resume(load_checkpoint_file(resume, "--resume checkpoint"), config, str(resume), world_size)
+
+
+def _queued_losses(config: PretrainConfig) -> list[tuple[str, int]]:
+    """The embedding losses that are on and keep a queue of teacher embeddings, with its size."""
+    return [(loss, queue) for loss, weight, queue in (("bingo", config.bingo_weight, config.bingo_queue),
+                                                      ("seed", config.seed_weight, config.seed_queue)) if weight > 0]
 
 
 def check_resume(checkpoint, config: PretrainConfig, path: str, world_size: int) -> None:
@@ -130,15 +132,10 @@ def check_resume(checkpoint, config: PretrainConfig, path: str, world_size: int)
             for key in ("teacher_arch", "mgd_reducer"):
                 if key in saved and saved[key] != getattr(config, key):
                     differences.append(f"{key} {saved[key]!r} vs {getattr(config, key)!r}")
-    if config.use_bingo:
-        if "bingo_queue.queue" not in (checkpoint.get("embedding") or {}):
-            differences.append("it has no BINGO queue while --bingo-weight is on (start a new --output-dir)")
-        elif "bingo_queue" in saved and saved["bingo_queue"] != config.bingo_queue:
-            differences.append(f"bingo_queue {saved['bingo_queue']!r} vs {config.bingo_queue!r}")
-    if config.seed_weight > 0:
-        if "seed_queue.queue" not in (checkpoint.get("embedding") or {}):
-            differences.append("it has no SEED queue while --seed-weight is on (start a new --output-dir)")
-        elif "seed_queue" in saved and saved["seed_queue"] != config.seed_queue:
-            differences.append(f"seed_queue {saved['seed_queue']!r} vs {config.seed_queue!r}")
+    for loss, queue in _queued_losses(config):
+        if f"{loss}_queue.queue" not in (checkpoint.get("embedding") or {}):
+            differences.append(f"it has no {loss.upper()} queue while --{loss}-weight is on (start a new --output-dir)")
+        elif f"{loss}_queue" in saved and saved[f"{loss}_queue"] != queue:
+            differences.append(f"{loss}_queue {saved[f'{loss}_queue']!r} vs {queue!r}")
     if differences:
         raise ValueError(f"cannot resume from {path}: " + "; ".join(differences))

@@ -109,7 +109,7 @@ def training_step(
     caught by :func:`train_one_epoch` at its next read (every ``-p`` steps).
     """
     with torch.autocast(im_q.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        losses = model(im_q, im_k) if im_bag is None else model(im_q, im_k, im_bag)
+        losses = model(im_q, im_k, im_bag)
     loss, logits, labels = losses.loss, losses.moco.logits, losses.moco.labels
     out = StepOutput(loss.detach(), losses.infonce.detach(),
                      (logits.detach().argmax(1) == labels).float().mean() * 100,

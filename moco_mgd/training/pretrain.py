@@ -77,13 +77,14 @@ def _bingo_bags(config: PretrainConfig, env: DistEnv, output_dir: Path, distilla
     path = Path(config.bingo_bags) if config.bingo_bags else output_dir / BAG_FILE
     source = bag_source(**config.bag_source_arguments(len(images)))
     if resumed_sha256 is not None or config.bingo_bags:
-        if resumed_sha256 is not None and (not path.is_file() or file_sha256(path) != resumed_sha256):
+        sha256 = file_sha256(path) if path.is_file() else None
+        if resumed_sha256 is not None and sha256 != resumed_sha256:
             raise ValueError(f"the checkpoint was trained with the bags of sha256 {resumed_sha256[:12]}..., and "
-                             f"{path} {'is another file' if path.is_file() else 'is missing'}: put that bag file back "
+                             f"{path} {'is another file' if sha256 else 'is missing'}: put that bag file back "
                              f"(or pass it with --bingo-bags), or start a new --output-dir")
         state = read_bags(path)
         check_bags(state, path, source, config.bingo_k)
-        bags, sha256 = state["bags"], file_sha256(path)
+        bags = state["bags"]
         logger.info(f"BINGO: bags of {len(bags)} images (k={config.bingo_k}) from {path}")
     else:
         # The extraction's loader draws its seed from the global stream: drawn aside (exact pairing).
