@@ -17,7 +17,7 @@ import argparse
 import math
 from pathlib import Path
 
-from moco_mgd.reporting.results import paired_differences, read_result, summarize, t_interval
+from moco_mgd.reporting.results import paired_differences, paired_text, read_result, summarize, t_interval
 
 PROBES = (("knn_top1", "kNN"), ("linear_top1", "linear"))
 
@@ -37,23 +37,13 @@ def teacher_row(teacher_dir: Path, baseline_dir: Path, method: str) -> dict:
     return row
 
 
-def _gain_text(gains: list[float]) -> str:
-    if not gains:
-        return "no paired seed"
-    mean, std, n = summarize(gains)
-    if n == 1:
-        return f"{mean:+.2f} (1 seed)"
-    low, high = t_interval(gains)
-    return f"{mean:+.2f} ± {std:.2f} [{low:+.2f}, {high:+.2f}]"
-
-
 def ladder_table(rows: list[dict], method: str) -> str:
     lines = [f"| teacher | its kNN | its linear | {method} Δ kNN vs baseline | {method} Δ linear vs baseline | seeds |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in sorted(rows, key=lambda r: r["teacher"]["knn_top1"]):
         name = f"{row['kind']}" + (f", {row['epochs']} epochs" if row["epochs"] else "") + f" ({row['directory']})"
         lines.append(f"| {name} | {row['teacher']['knn_top1']:.2f} | {row['teacher']['linear_top1']:.2f} | "
-                     f"{_gain_text(row['knn_top1'])} | {_gain_text(row['linear_top1'])} | {len(row['knn_top1'])} |")
+                     f"{paired_text(row['knn_top1'])} | {paired_text(row['linear_top1'])} | {len(row['knn_top1'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,7 @@ def t_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[float
     return mean - half, mean + half
 
 
-def _cell(values: list[float], digits: int, signed: bool = False, interval: bool = False) -> str:
+def spread_text(values: list[float], digits: int, signed: bool = False, interval: bool = False) -> str:
     """``mean ± std`` (just the mean for one value); with ``interval``, the 95% t-interval after it."""
     mean, std, n = summarize(values)
     sign = "+" if signed else ""
@@ -90,6 +90,16 @@ def _cell(values: list[float], digits: int, signed: bool = False, interval: bool
         low, high = t_interval(values)
         text += f" [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
     return text
+
+
+def paired_text(differences: list[float]) -> str:
+    """Paired differences as a reader wants them: ``+mean ± std [95% t-interval]``, the mean alone
+    (marked) for one seed, or "no paired seed"."""
+    if not differences:
+        return "no paired seed"
+    if len(differences) == 1:
+        return f"{differences[0]:+.2f} (1 seed)"
+    return spread_text(differences, 2, signed=True, interval=True)
 
 
 def paired_differences(results: Iterable[Mapping], method: str, key: str, reference: str = "baseline") -> list[float]:
@@ -130,12 +140,12 @@ def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Ma
         if not runs:
             continue
         seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
-        cells = [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS[:2]]
+        cells = [spread_text([r[key] for r in runs], digits) for key, _, digits in COLUMNS[:2]]
         for key, _ in deltas:
             differences = paired_differences(results, method, key, reference)
             cells.append("" if method == reference or not differences
-                         else _cell(differences, 2, signed=True, interval=True))
-        cells += [_cell([r[key] for r in runs], digits) for key, _, digits in COLUMNS[2:]]
+                         else spread_text(differences, 2, signed=True, interval=True))
+        cells += [spread_text([r[key] for r in runs], digits) for key, _, digits in COLUMNS[2:]]
         lines.append(f"| {titles.get(method, method)} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
