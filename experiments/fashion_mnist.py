@@ -537,16 +537,19 @@ def scored_on(args: argparse.Namespace) -> str:
 
 def run_settings(args: argparse.Namespace, teacher: Teacher) -> str:
     """The sentence above the table: the settings this invocation trained its runs with."""
+    # A baseline-only invocation trains no teacher and no matching: naming their settings would mislead.
+    distilled = any(m != "baseline" for m in args.methods)
+    teacher_text = (f" ({TEACHER_KINDS[teacher.kind]} teacher {teacher.epochs}"
+                    f"{f', lr {args.teacher_lr:g}' if teacher.kind == 'supervised' else ''})") if distilled else ""
+    mgd_text = (f" MGD matching {args.mgd_schedule} on {args.mgd_samples} images, MGD loss factor "
+                f"{args.mgd_loss_factor:g}, stage weights {' '.join(f'{w:g}' for w in args.mgd_stage_weights)},"
+                if distilled else "")
     settings = (f"Fashion-MNIST, {args.images} training images at {args.image_size} px ({args.stem} stem), "
-                f"{args.epochs} pretraining epochs ({TEACHER_KINDS[teacher.kind]} teacher {teacher.epochs}"
-                f"{f', lr {args.teacher_lr:g}' if teacher.kind == 'supervised' else ''}), "
-                f"-b {args.batch_size} --lr {args.lr:g}, "
-                f"--moco-t {args.moco_t} --moco-m {args.moco_m} --crop-min {args.crop_min:g} --shuffle-bn-splits {args.shuffle_bn_splits}, MGD matching "
-                f"{args.mgd_schedule} on "
-                f"{args.mgd_samples} images, MGD loss factor {args.mgd_loss_factor:g}, "
-                f"stage weights {' '.join(f'{w:g}' for w in args.mgd_stage_weights)}, seeds {' '.join(map(str, args.seeds))}; kNN (k={args.knn_k}, "
-                f"T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached features) on "
-                f"{scored_on(args)}")
+                f"{args.epochs} pretraining epochs{teacher_text}, -b {args.batch_size} --lr {args.lr:g}, "
+                f"--moco-t {args.moco_t} --moco-m {args.moco_m} --crop-min {args.crop_min:g} "
+                f"--shuffle-bn-splits {args.shuffle_bn_splits},{mgd_text} seeds {' '.join(map(str, args.seeds))}; "
+                f"kNN (k={args.knn_k}, T={args.knn_t}) and linear top-1 ({args.lincls_epochs} epochs, cached "
+                f"features) on {scored_on(args)}")
     if any("+" in m or m in EMBEDDING_METHODS for m in args.methods):
         settings += (f"; embedding losses: CCKD weight {args.cckd_weight} (rbf-taylor, P=2, gamma 0.4), DisCo "
                      f"weight {args.disco_weight} ({'both views' if args.disco_both_views else 'query view'}"

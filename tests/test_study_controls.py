@@ -72,6 +72,10 @@ def test_runs_are_scored_on_the_held_out_images_and_say_so(study, fashion_dir):
 
 def test_the_paired_table_uses_the_other_directorys_baseline_with_intervals(study):
     base, control, stdout = study
+    # The settings line names a teacher and a matching only where the runs had them.
+    baseline_settings, control_settings = ((d / "results.md").read_text().splitlines()[0] for d in (base, control))
+    assert "teacher" not in baseline_settings and "MGD" not in baseline_settings, baseline_settings
+    assert "random-weight (BN re-estimated) teacher" in control_settings and "MGD loss factor" in control_settings
     assert not (control / "seed0" / "baseline").exists()        # nothing trained twice
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
             for line in (control / "results.md").read_text().splitlines() if line.startswith("| ")}
