@@ -57,8 +57,10 @@ def read_rows(baseline_dir: Path, row_dirs: list[Path]) -> tuple[list[dict], lis
     return references, rows
 
 
-def _teacher_cell(row: dict) -> str:
-    return row["teacher"] if row["directory"] == row["teacher"] else f"{row['teacher']} (row {row['directory']})"
+def _teacher_cell(row: dict, scores: bool = False) -> str:
+    name = row["teacher"] if row["directory"] == row["teacher"] else f"{row['teacher']} (row {row['directory']})"
+    own = row["teacher_scores"]
+    return f"{name} ({own['knn_top1']:.2f} / {own['linear_top1']:.2f})" if scores and own else name
 
 
 def _against(runs: list[dict], others: list[dict], method: str, other: str, key: str) -> list[float]:
@@ -70,15 +72,18 @@ def _against(runs: list[dict], others: list[dict], method: str, other: str, key:
 def row_table(references: list[dict], rows: list[dict]) -> tuple[str, list[dict]]:
     """One line per row: its scores, then its paired differences against the baseline and random weights."""
     seeds = len({r["seed"] for r in references if r["method"] == "baseline"})
-    header = ("| teacher | method | seeds | kNN | linear | Δ kNN vs baseline | Δ linear vs baseline "
+    header = ("| teacher (its kNN / linear) | method | seeds | kNN | linear | Δ kNN vs baseline | Δ linear vs baseline "
               "| Δ kNN vs random weights | Δ linear vs random weights |")
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     stats = []
     for reference in REFERENCES:
         runs = [r for r in references if r["method"] == reference]
         if runs:
-            cells = [spread_text([r[k] for r in runs], 2) for k, _ in PROBES]
-            lines.append(f"| | {reference} | {len(runs)} | " + " | ".join(cells) + " | | | | |")
+            # The baseline against random weights is the first question: does pretraining beat doing nothing?
+            floor = ([paired_text(_against(runs, references, reference, "random", key)) for key, _ in PROBES]
+                     if reference != "random" else ["", ""])
+            cells = [spread_text([r[k] for r in runs], 2) for k, _ in PROBES] + ["", ""] + floor
+            lines.append(f"| | {reference} | {len(runs)} | " + " | ".join(cells) + " |")
     for row in rows:
         runs, method = row["runs"], row["method"]
         differences = {(reference, key): _against(runs, references, method, reference, key)
@@ -91,7 +96,7 @@ def row_table(references: list[dict], rows: list[dict]) -> tuple[str, list[dict]
         scores = [spread_text([r[k] for r in runs], 2) for k, _ in PROBES]
         cells = [paired_text(differences[ref, key]) for ref in REFERENCES for key, _ in PROBES]
         marked = f"{len(runs)}" + ("" if complete else f" of {seeds}")
-        lines.append(f"| {_teacher_cell(row)} | {method} | {marked} | " + " | ".join(scores + cells) + " |")
+        lines.append(f"| {_teacher_cell(row, scores=True)} | {method} | {marked} | " + " | ".join(scores + cells) + " |")
     return "\n".join(lines) + "\n", stats
 
 

@@ -59,7 +59,11 @@ def test_each_row_is_paired_with_the_baseline_and_random_weights_of_its_seed(stu
                  "--output", str(study / "out" / "table")])
     text = (study / "out" / "table.md").read_text()
     assert capsys.readouterr().out == text
-    bingo = _line(text, "| moco (row moco_bingo) | bingo |")
+    baseline = _line(text, "| | baseline |")
+    assert baseline[7:] == [_paired(("base", "baseline"), ("base", "random"), 0),
+                            _paired(("base", "baseline"), ("base", "random"), 1)]
+    assert _line(text, "| moco (80.00 / 79.00) | mgd-amp |")[2] == "3"
+    bingo = _line(text, "| moco (row moco_bingo) (80.00 / 79.00) | bingo |")
     assert bingo[2] == "3"
     assert bingo[5:] == [_paired(("moco_bingo", "bingo"), ("base", "baseline"), 0),
                          _paired(("moco_bingo", "bingo"), ("base", "baseline"), 1),
@@ -91,7 +95,7 @@ def test_a_row_missing_seeds_is_marked_and_never_called_best(study):
     study_table(["--baseline-dir", str(study / "base"), str(study / "moco"), str(study / "moco_bingo"),
                  "--output", str(study / "table")])
     text = (study / "table.md").read_text()
-    assert _line(text, "| moco (row moco_bingo) | mgd-amp+bingo |")[2] == "2 of 3"
+    assert _line(text, "| moco (row moco_bingo) (80.00 / 79.00) | mgd-amp+bingo |")[2] == "2 of 3"
     assert "Best on linear: bingo from the moco (row moco_bingo) teacher" in text
 
 
