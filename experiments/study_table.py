@@ -8,8 +8,8 @@ directory; its teacher is the directory's own (``teacher/result.json``) or the o
 ``X`` (what MGD-AMP adds to X) and against ``mgd-amp`` (what X adds to MGD-AMP), seed by seed.
 Rows with fewer seeds than the baseline are shown, marked, and never called best.
 
-    python experiments/study_table.py --baseline-dir OUT/final/base OUT/final/sup OUT/final/random \\
-        OUT/final/moco OUT/final/moco_bingo --output docs/study6/final_table
+    python experiments/study_table.py --baseline-dir OUT/final/base OUT/final/sup OUT/final/moco \\
+        OUT/final/moco_bingo --controls OUT/final/random --output docs/study6/final_table
 """
 from __future__ import annotations
 
@@ -37,14 +37,15 @@ def teacher_of(row_dir: Path) -> Path:
     return row_dir
 
 
-def read_rows(baseline_dir: Path, row_dirs: list[Path]) -> tuple[list[dict], list[dict]]:
-    """The baseline directory's runs and one entry per (row directory, student method)."""
+def read_rows(baseline_dir: Path, row_dirs: list[Path], controls: list[Path] = ()) -> tuple[list[dict], list[dict]]:
+    """The baseline directory's runs and one entry per (row directory, student method); rows of the
+    ``controls`` directories (random-weight teachers) are marked so."""
     references = [r for r in _results_of(baseline_dir) if r["method"] in REFERENCES]
     if not any(r["method"] == "baseline" for r in references):
         raise SystemExit(f"{baseline_dir} has no seed*/baseline/result.json: pass the directory the rows were "
                          "paired with (their --baseline-from)")
     rows = []
-    for row_dir in row_dirs:
+    for row_dir in [*row_dirs, *controls]:
         teacher_dir = teacher_of(row_dir)
         teacher = read_result(teacher_dir / "teacher")
         students = [r for r in _results_of(row_dir) if r["method"] not in (*REFERENCES, "teacher")]
@@ -53,7 +54,8 @@ def read_rows(baseline_dir: Path, row_dirs: list[Path]) -> tuple[list[dict], lis
         for method in dict.fromkeys(r["method"] for r in students):
             rows.append({"directory": row_dir.name, "teacher": teacher_dir.name,
                          "teacher_scores": None if teacher is None else {k: teacher[k] for k, _ in PROBES},
-                         "method": method, "runs": [r for r in students if r["method"] == method]})
+                         "method": method, "runs": [r for r in students if r["method"] == method],
+                         "control": row_dir in controls})
     return references, rows
 
 
@@ -96,7 +98,8 @@ def row_table(references: list[dict], rows: list[dict]) -> tuple[str, list[dict]
         scores = [spread_text([r[k] for r in runs], 2) for k, _ in PROBES]
         cells = [paired_text(differences[ref, key]) for ref in REFERENCES for key, _ in PROBES]
         marked = f"{len(runs)}" + ("" if complete else f" of {seeds}")
-        lines.append(f"| {_teacher_cell(row, scores=True)} | {method} | {marked} | " + " | ".join(scores + cells) + " |")
+        name = _teacher_cell(row, scores=True) + (", control" if row["control"] else "")
+        lines.append(f"| {name} | {method} | {marked} | " + " | ".join(scores + cells) + " |")
     return "\n".join(lines) + "\n", stats
 
 
@@ -122,9 +125,9 @@ def combination_table(rows: list[dict]) -> str:
 
 def best_lines(stats: list[dict], rows: list[dict]) -> str:
     """Per probe: the complete row with the highest mean, its gain over the baseline and its paired margin
-    over the runner-up (both with their interval)."""
+    over the runner-up (both with their interval). Controls are not candidates."""
     runs = {(row["directory"], row["method"]): row["runs"] for row in rows}
-    complete = [s for s in stats if s["complete"]]
+    complete = [s for s in stats if s["complete"] and not s["control"]]
     lines = []
     for key, probe in PROBES:
         if not complete:
@@ -146,10 +149,12 @@ def best_lines(stats: list[dict], rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("row_dirs", nargs="+", type=Path, metavar="ROW_DIR")
+    parser.add_argument("--controls", nargs="+", type=Path, default=[], metavar="DIR",
+                        help="rows of random-weight teachers: in the table, marked, never called best")
     parser.add_argument("--baseline-dir", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True, help="writes OUTPUT.md and OUTPUT.json")
     args = parser.parse_args(argv)
-    references, rows = read_rows(args.baseline_dir, args.row_dirs)
+    references, rows = read_rows(args.baseline_dir, args.row_dirs, args.controls)
     table, stats = row_table(references, rows)
     text = ("Mean ± sample std [95% t-interval] of each paired difference, over the seeds both runs have; "
             "top-1 in %.\n\n" + table)

@@ -99,6 +99,14 @@ def test_a_row_missing_seeds_is_marked_and_never_called_best(study):
     assert "Best on linear: bingo from the moco (row moco_bingo) teacher" in text
 
 
+def test_a_control_is_in_the_table_but_never_called_best(study):
+    study_table(["--baseline-dir", str(study / "base"), str(study / "moco"), "--controls", str(study / "moco_bingo"),
+                 "--output", str(study / "table")])
+    text = (study / "table.md").read_text()
+    assert _line(text, "| moco (row moco_bingo) (80.00 / 79.00), control | mgd-amp+bingo |")[2] == "3"
+    assert "Best on linear: mgd-amp from the moco teacher" in text and "ahead of" not in text
+
+
 def test_directories_without_runs_are_refused_by_name(study):
     with pytest.raises(SystemExit, match="no seed\\*/baseline/result.json"):
         study_table(["--baseline-dir", str(study / "moco"), str(study / "moco"), "--output", str(study / "x")])
