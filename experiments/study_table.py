@@ -23,8 +23,8 @@ PROBES = (("knn_top1", "kNN"), ("linear_top1", "linear"))
 REFERENCES = ("baseline", "random")   # both live in the baseline directory, one run per seed
 
 
-def _results_of(directory: Path, methods: str = "*") -> list[dict]:
-    return [r for r in map(read_result, sorted(directory.glob(f"seed*/{methods}"))) if r is not None]
+def _results_of(directory: Path) -> list[dict]:
+    return [r for r in map(read_result, sorted(directory.glob("seed*/*"))) if r is not None]
 
 
 def teacher_of(row_dir: Path) -> Path:
