@@ -17,9 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from moco_mgd.reporting.results import paired_differences, paired_text, read_result, spread_text, summarize
+from moco_mgd.reporting.results import PROBES, paired_differences, paired_text, read_result, spread_text, summarize
 
-PROBES = (("knn_top1", "kNN"), ("linear_top1", "linear"))
 REFERENCES = ("baseline", "random")   # both live in the baseline directory, one run per seed
 
 

@@ -17,9 +17,8 @@ import argparse
 import math
 from pathlib import Path
 
-from moco_mgd.reporting.results import paired_differences, paired_text, read_result, summarize, t_interval
+from moco_mgd.reporting.results import PROBES, paired_differences, paired_text, read_result, summarize, t_interval
 
-PROBES = (("knn_top1", "kNN"), ("linear_top1", "linear"))
 
 
 def teacher_row(teacher_dir: Path, baseline_dir: Path, method: str) -> dict:

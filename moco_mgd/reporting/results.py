@@ -22,6 +22,8 @@ RESULT_FILE = "result.json"
 # (key in a result, column title, digits): the columns of the results table.
 COLUMNS = (("knn_top1", "kNN top-1", 2), ("linear_top1", "linear top-1", 2), ("pretrain_seconds", "pretrain s", 0),
            ("eval_seconds", "eval s", 0))
+# The two probes every study reports, as (result key, short name).
+PROBES = (("knn_top1", "kNN"), ("linear_top1", "linear"))
 
 
 def last_record(records: Sequence[Mapping], kind: str) -> Mapping:
