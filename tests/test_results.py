@@ -95,13 +95,28 @@ def test_summary_line_says_whether_the_teacher_is_better_and_the_student_wins():
                r("mgd-amp", 0, 73.0, 74.0), r("mgd-amp", 1, 74.0, 73.5), r("random", 0, 74.5, 76.0)]
     titles = {"teacher": "supervised resnet50 teacher", "mgd-amp": "MGD-AMP"}
     line = summary_line(results, "mgd-amp", titles)
-    # Differences 3, 2 (kNN) and 2, 0.5 (linear): t(0.975, 1) = 12.706, std / sqrt(2) = 0.5 and 0.75.
+    # Differences 3, 2 (kNN) and 2, 0.5 (linear): t(0.975, 1) = 12.706, std / sqrt(2) = 0.5 and 0.75. Both
+    # intervals span 0, so two seeds do not show a win, whatever the means say. Against random weights
+    # every row is paired with seed 0's: baseline 70 - 74.5 and 72 - 76.
     assert line == ("In short: the supervised resnet50 teacher is better than the baseline student (kNN 85.00 vs "
-                    "71.00); MGD-AMP beats it on both probes: +2.50 kNN (95% CI -3.85 to +8.85), +1.25 linear top-1 "
-                    "(95% CI -8.28 to +10.78) against the baseline of the same seed (2 seeds); against random weights "
-                    "(kNN 74.50, linear 76.00): supervised resnet50 teacher above them on both probes (+10.50 kNN, "
-                    "+10.00 linear), baseline BELOW them on both probes (-3.50 kNN, -3.50 linear), MGD-AMP BELOW them "
-                    "on both probes (-1.00 kNN, -2.25 linear).")
+                    "71.00); MGD-AMP does not beat it (the kNN and linear gains' 95% CIs include 0): +2.50 kNN (95% CI "
+                    "-3.85 to +8.85), +1.25 linear top-1 (95% CI -8.28 to +10.78) against the baseline of the same seed "
+                    "(2 seeds); against random weights (kNN 74.50, linear 76.00): supervised resnet50 teacher above them "
+                    "on both probes (+10.50 kNN, +10.00 linear), baseline BELOW them on both probes (-4.50 kNN, -4.00 "
+                    "linear), MGD-AMP BELOW them on both probes (-1.50 kNN, -2.00 linear).")
+    # Three seeds: kNN differences 2, 2.1, 2 (interval well above 0), linear 0.5, -0.5, 0.3 (spans 0).
+    three = [r("baseline", s, 70.0 + s, 72.0) for s in range(3)] + [r("random", s, 71.0 + s, 71.5) for s in range(3)] \
+        + [r("mgd-amp", 0, 72.0, 72.5), r("mgd-amp", 1, 73.1, 71.5), r("mgd-amp", 2, 74.0, 72.3)]
+    line = summary_line(three, "mgd-amp", titles)
+    assert "MGD-AMP beats it on kNN only (its linear gain's 95% CI includes 0): +2.03 kNN (95% CI +1.89 to " \
+           "+2.18), +0.10 linear top-1 (95% CI -1.21 to +1.41)" in line, line
+    # Against random weights the baseline is 1 lower on kNN in every seed (a zero-width interval below 0) and
+    # 0.5 higher on linear: BELOW on both would be wrong, above on one would be too.
+    assert "baseline above on the linear probe only (-1.00 kNN (95% CI -1.00 to -1.00), +0.50 linear" in line, line
+    # Differences 1, -1, 0.2: mean 0.07, std 1.007, half-width 4.303 * 1.007 / sqrt(3) = 2.50.
+    level = summary_line(three[:6] + [r("mgd-amp", s, 71.0 + s + d, 71.5 + d) for s, d in enumerate((1.0, -1.0, 0.2))],
+                         "mgd-amp", titles)
+    assert "MGD-AMP not above them on either probe (+0.07 kNN (95% CI -2.43 to +2.57)" in level, level
     assert "floor" not in line   # never called the floor: trained rows can be below it
     worse = summary_line([r("teacher", 0, 60.0, 60.0), r("baseline", 0, 70.0, 72.0), r("mgd-amp", 0, 69.0, 73.0)],
                          "mgd-amp", titles)

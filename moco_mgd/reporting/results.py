@@ -152,13 +152,32 @@ def results_table(results: Iterable[Mapping], methods: Sequence[str], titles: Ma
     return "\n".join(lines) + "\n"
 
 
+def standing(differences: Sequence[float]) -> int:
+    """+1 above, -1 below, 0 level: the sign of the mean of one difference, and from two
+    differences on the side of 0 that the whole 95% t-interval lies on (0 when it spans 0)."""
+    if len(differences) == 1:
+        return (differences[0] > 0) - (differences[0] < 0)
+    low, high = t_interval(differences)
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
+def difference_text(differences: Sequence[float], probe: str) -> str:
+    text = f"{summarize(differences)[0]:+.2f} {probe}"
+    if len(differences) > 1:
+        low, high = t_interval(differences)
+        text += f" (95% CI {low:+.2f} to {high:+.2f})"
+    return text
+
+
 def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, str], teacher: str = "teacher",
                  reference: str = "baseline", floor: str = "random") -> str:
     """One sentence a newcomer reads first: is the teacher better, did ``student`` beat the baseline,
     and where does every trained row stand against the same network with random weights?
 
-    kNN and linear top-1 (means over seeds), the student's paired differences against the
-    baseline (with their 95% t-interval from two seeds on). Rows without results are left out.
+    Every comparison is paired by seed (:func:`paired_differences`). From two seeds on, a row
+    beats (or is above) another only where the 95% t-interval of its differences is above 0, and
+    is below only where the interval is below 0; one seed is read by the sign of its difference
+    and said to be one seed. Rows without results are left out.
     """
     results = list(results)
 
@@ -169,6 +188,14 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
     def seeds(count: int) -> str:
         return f"{count} seed{'s' if count > 1 else ''}"
 
+    def against(method: str, other: str) -> tuple[list[float], list[float]]:
+        """Paired kNN and linear differences; a row that shares no seed with ``other`` (a teacher
+        trained once) is compared with ``other``'s mean."""
+        pairs = [paired_differences(results, method, key, other) for key in ("knn_top1", "linear_top1")]
+        if not pairs[0]:
+            pairs = [[mean(method, key) - mean(other, key)] for key in ("knn_top1", "linear_top1")]
+        return pairs[0], pairs[1]
+
     parts = []
     teacher_knn, baseline_knn = mean(teacher), mean(reference)
     if teacher_knn is not None and baseline_knn is not None:
@@ -178,26 +205,30 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
     knn = paired_differences(results, student, "knn_top1", reference)
     linear = paired_differences(results, student, "linear_top1", reference)
     if knn and student != reference:
-        gain, linear_gain = summarize(knn)[0], summarize(linear)[0]
+        above = (standing(knn) > 0, standing(linear) > 0)
         verdict = {(True, True): "beats it on both probes", (True, False): "beats it on kNN only",
                    (False, True): "beats it on the linear probe only",
-                   (False, False): "does not beat it"}[(gain > 0, linear_gain > 0)]
-        shown = [f"{gain:+.2f} kNN", f"{linear_gain:+.2f} linear top-1"]
-        if len(knn) > 1:
-            shown = [f"{text} (95% CI {low:+.2f} to {high:+.2f})"
-                     for text, (low, high) in zip(shown, (t_interval(knn), t_interval(linear)))]
+                   (False, False): "does not beat it"}[above]
+        level = [probe for probe, differences, won in (("kNN", knn, above[0]), ("linear", linear, above[1]))
+                 if not won and len(differences) > 1 and summarize(differences)[0] > 0]
+        if level:
+            verdict += f" (the {' and '.join(level)} gains' 95% CIs include 0)" \
+                if len(level) > 1 else f" (its {level[0]} gain's 95% CI includes 0)"
+        shown = [difference_text(knn, "kNN"), difference_text(linear, "linear top-1")]
         parts.append(f"{titles.get(student, student)} {verdict}: {', '.join(shown)} against the baseline of the "
                      f"same seed ({seeds(len(knn))})")
-    floor_knn, floor_linear = mean(floor), mean(floor, "linear_top1")
-    if floor_knn is not None:
+    if mean(floor) is not None:
         rows = []
         for method in dict.fromkeys([teacher, reference, student]):
             if mean(method) is None:
                 continue
-            knn_gap, linear_gap = mean(method) - floor_knn, mean(method, "linear_top1") - floor_linear
-            place = {(True, True): "above them on both probes", (True, False): "above on kNN only",
-                     (False, True): "above on the linear probe only",
-                     (False, False): "BELOW them on both probes"}[(knn_gap > 0, linear_gap > 0)]
-            rows.append(f"{titles.get(method, method)} {place} ({knn_gap:+.2f} kNN, {linear_gap:+.2f} linear)")
-        parts.append(f"against random weights (kNN {floor_knn:.2f}, linear {floor_linear:.2f}): " + ", ".join(rows))
+            knn_gap, linear_gap = against(method, floor)
+            place = {(1, 1): "above them on both probes", (-1, -1): "BELOW them on both probes"}.get(
+                (standing(knn_gap), standing(linear_gap)),
+                "above on kNN only" if standing(knn_gap) > 0 else
+                "above on the linear probe only" if standing(linear_gap) > 0 else "not above them on either probe")
+            rows.append(f"{titles.get(method, method)} {place} "
+                        f"({difference_text(knn_gap, 'kNN')}, {difference_text(linear_gap, 'linear')})")
+        parts.append(f"against random weights (kNN {mean(floor):.2f}, linear {mean(floor, 'linear_top1'):.2f}): "
+                     + ", ".join(rows))
     return ("In short: " + "; ".join(parts) + ".") if parts else "In short: no finished run to compare."
