@@ -189,7 +189,15 @@ class Trainer:
         if signal.SIGUSR2 in stopped:
             requeue = signal.getsignal(signal.SIGUSR2)
             if callable(requeue):
-                requeue(signal.SIGUSR2, None)
+                # SLURM carries out a requeue by sending SIGTERM to every process of the step, the
+                # `scontrol requeue` child included. On a loaded node that can land before scontrol
+                # returns: it "dies", and submitit records the job, requeued all the same, as failed
+                # (seen in CI). An ignored signal stays ignored across exec, so scontrol finishes.
+                previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                try:
+                    requeue(signal.SIGUSR2, None)
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
             time.sleep(300)
         raise SystemExit(exit_code(stopped))
 

@@ -152,6 +152,27 @@ def test_checkpoint_requeues_the_same_configuration(data_dir, tmp_path):
     assert trainer._resume_point(config).resume == "/old.pth.tar"             # the first run: as asked
 
 
+def test_the_requeue_outlives_the_sigterm_slurm_sends_for_it():
+    """SLURM answers ``scontrol requeue`` with SIGTERM to every process of the step, scontrol included.
+    In one CI run it landed first: scontrol died and submitit recorded the requeued job as failed. Here
+    the requeue handler (submitit's in a job) runs a child that gets that SIGTERM before it is done."""
+    seen = {}
+
+    def requeue(signum, frame):
+        child = subprocess.run(["sh", "-c", "kill -TERM $$; echo requeued"], capture_output=True, text=True)
+        seen["child"] = (child.returncode, child.stdout.strip())
+        raise SystemExit(0)   # submitit exits once the job is requeued
+
+    handlers = signal.signal(signal.SIGUSR2, requeue), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            submit.Trainer._after_stop(frozenset({signal.SIGUSR2}))
+        assert seen["child"] == (0, "requeued")
+        assert signal.getsignal(signal.SIGTERM) is handlers[1]   # put back afterwards
+    finally:
+        signal.signal(signal.SIGUSR2, handlers[0])
+
+
 def test_lincls_flags_pass_through(data_dir, tmp_path):
     checkpoint, _ = moco_v2_checkpoint("resnet18", mlp=True)
     torch.save(checkpoint, tmp_path / "moco.pth.tar")
