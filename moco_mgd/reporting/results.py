@@ -191,9 +191,9 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
     def against(method: str, other: str) -> tuple[list[float], list[float]]:
         """Paired kNN and linear differences; a row that shares no seed with ``other`` (a teacher
         trained once) is compared with ``other``'s mean."""
-        pairs = [paired_differences(results, method, key, other) for key in ("knn_top1", "linear_top1")]
+        pairs = [paired_differences(results, method, key, other) for key, _ in PROBES]
         if not pairs[0]:
-            pairs = [[mean(method, key) - mean(other, key)] for key in ("knn_top1", "linear_top1")]
+            pairs = [[mean(method, key) - mean(other, key)] for key, _ in PROBES]
         return pairs[0], pairs[1]
 
     parts = []
@@ -223,10 +223,11 @@ def summary_line(results: Iterable[Mapping], student: str, titles: Mapping[str, 
             if mean(method) is None:
                 continue
             knn_gap, linear_gap = against(method, floor)
-            place = {(1, 1): "above them on both probes", (-1, -1): "BELOW them on both probes"}.get(
-                (standing(knn_gap), standing(linear_gap)),
-                "above on kNN only" if standing(knn_gap) > 0 else
-                "above on the linear probe only" if standing(linear_gap) > 0 else "not above them on either probe")
+            knn_side, linear_side = standing(knn_gap), standing(linear_gap)
+            place = ("above them on both probes" if knn_side == linear_side == 1
+                     else "BELOW them on both probes" if knn_side == linear_side == -1
+                     else "above on kNN only" if knn_side == 1
+                     else "above on the linear probe only" if linear_side == 1 else "not above them on either probe")
             rows.append(f"{titles.get(method, method)} {place} "
                         f"({difference_text(knn_gap, 'kNN')}, {difference_text(linear_gap, 'linear')})")
         parts.append(f"against random weights (kNN {mean(floor):.2f}, linear {mean(floor, 'linear_top1'):.2f}): "
