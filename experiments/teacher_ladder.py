@@ -8,68 +8,134 @@ the baseline of the same seed (mean, sample std, 95% t-interval). The figure plo
 teacher's score, one point per teacher. What transfer predicts: the gain grows with the teacher's score,
 and a teacher no better than random weights gives none.
 
+The last column is the pull: the students' mean MGD loss over their first epoch (the ``epoch`` records of
+their ``metrics.jsonl``). Teachers compared at different pulls differ in two things at once; a random
+teacher's features are far from anything the student computes, so it pulls harder at the same factor.
+The figure draws the random-weight teachers with open markers and marks the baseline's and the random
+ResNet-18's mean scores, where a teacher starts to have something to give.
+
     python experiments/teacher_ladder.py --baseline-dir output/s6/base output/s6/sup1 output/s6/sup6 \\
         output/s6/random --output docs/study6/ladder
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
 from moco_mgd.reporting.results import PROBES, paired_differences, paired_text, read_result, summarize, t_interval
-
+from moco_mgd.runtime.logs import read_metrics
 
 
 def teacher_row(teacher_dir: Path, baseline_dir: Path, method: str) -> dict:
     """One teacher: its own scores and its ``method`` students' paired gains (refuses an unfinished teacher)."""
-    teacher = read_result(teacher_dir / "teacher")
+    teacher = read_result(teacher_result_dir(teacher_dir))
     if teacher is None:
         raise SystemExit(f"{teacher_dir / 'teacher' / 'result.json'} is missing: that teacher did not finish")
-    students = [r for r in map(read_result, sorted(teacher_dir.glob(f"seed*/{method}"))) if r is not None]
+    student_dirs = [d for d in sorted(teacher_dir.glob(f"seed*/{method}")) if read_result(d) is not None]
+    students = [read_result(d) for d in student_dirs]
     baselines = [r for r in map(read_result, sorted(baseline_dir.glob("seed*/baseline"))) if r is not None]
     row = {"directory": str(teacher_dir), "kind": teacher.get("teacher_kind", "moco"),
-           "epochs": teacher.get("epochs"), "teacher": {key: teacher[key] for key, _ in PROBES}}
+           "epochs": teacher.get("epochs"), "teacher": {key: teacher[key] for key, _ in PROBES},
+           "first_epoch_loss": [first_epoch_loss(d) for d in student_dirs]}
     for key, _ in PROBES:
         gains = paired_differences(students + baselines, method, key)
         row[key] = gains
     return row
 
 
+def teacher_result_dir(teacher_dir: Path) -> Path:
+    """Where ``teacher_dir``'s teacher was scored: its own ``teacher/``, or that of the directory its run took
+    the teacher from (``--teacher-from``, recorded in ``results.json``), found as written or, for files
+    copied elsewhere side by side (``keep.sh``), as a sibling of the same name."""
+    own = teacher_dir / "teacher"
+    recorded = teacher_dir / "results.json"
+    if (own / "result.json").exists() or not recorded.exists():
+        return own
+    source = json.loads(recorded.read_text()).get("args", {}).get("teacher_from")
+    if not source:
+        return own
+    for candidate in (Path(source), teacher_dir.parent / Path(source).name):
+        if (candidate / "teacher" / "result.json").exists():
+            return candidate / "teacher"
+    return own
+
+
+def first_epoch_loss(run_dir: Path) -> float:
+    """The MGD loss of a student's first epoch: how hard its teacher pulled before the student moved."""
+    epochs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
+    if not epochs or "mgd" not in epochs[0]:
+        raise SystemExit(f"{run_dir / 'metrics.jsonl'} has no epoch record with an MGD loss: not an MGD student's log")
+    return epochs[0]["mgd"]
+
+
+def reference_scores(baseline_dir: Path) -> dict[str, dict[str, float]]:
+    """The mean scores of the baseline students and of the random-weight ResNet-18 in ``baseline_dir``."""
+    runs = [r for d in sorted(baseline_dir.glob("seed*/*")) if (r := read_result(d)) is not None]
+    return {name: {key: summarize(r[key] for r in runs if r["method"] == name)[0] for key, _ in PROBES}
+            for name in ("baseline", "random") if any(r["method"] == name for r in runs)}
+
+
+def teacher_name(row: dict) -> str:
+    epochs = row["epochs"]
+    return row["kind"] + (f", {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "")
+
+
 def ladder_table(rows: list[dict], method: str) -> str:
-    lines = [f"| teacher | its kNN | its linear | {method} Δ kNN vs baseline | {method} Δ linear vs baseline | seeds |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| teacher | its kNN | its linear | {method} Δ kNN vs baseline | {method} Δ linear vs baseline | seeds "
+             "| first-epoch MGD loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(rows, key=lambda r: r["teacher"]["knn_top1"]):
-        name = f"{row['kind']}" + (f", {row['epochs']} epochs" if row["epochs"] else "") + f" ({row['directory']})"
-        lines.append(f"| {name} | {row['teacher']['knn_top1']:.2f} | {row['teacher']['linear_top1']:.2f} | "
-                     f"{paired_text(row['knn_top1'])} | {paired_text(row['linear_top1'])} | {len(row['knn_top1'])} |")
+        lines.append(f"| {teacher_name(row)} ({row['directory']}) | {row['teacher']['knn_top1']:.2f} | "
+                     f"{row['teacher']['linear_top1']:.2f} | {paired_text(row['knn_top1'])} | "
+                     f"{paired_text(row['linear_top1'])} | {len(row['knn_top1'])} | "
+                     f"{summarize(row['first_epoch_loss'])[0]:.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def ladder_figure(rows: list[dict], method: str, path: Path) -> Path:
-    """Two panels (kNN, linear): the students' mean gain with its 95% interval against the teacher's score."""
+def comparable_pull(rows: list[dict], factor: float = 2.0) -> list[dict]:
+    """The rows whose first-epoch MGD loss is within ``factor`` of the median row's: teachers that pulled alike."""
+    pulls = sorted(summarize(row["first_epoch_loss"])[0] for row in rows)
+    median = pulls[len(pulls) // 2]
+    return [row for row in rows if median / factor <= summarize(row["first_epoch_loss"])[0] <= median * factor]
+
+
+def ladder_figure(rows: list[dict], method: str, reference: dict[str, dict[str, float]], path: Path) -> Path:
+    """The students' mean gain with its 95% interval against the teacher's score, per probe (columns): every
+    teacher (top row), and only those that pulled alike (bottom row, so that the pull is not what differs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(PROBES), figsize=(10, 4))
-    for axis, (key, probe) in zip(axes, PROBES):
-        for row in rows:
-            gains = row[key]
-            if not gains:
-                continue
-            mean, std, n = summarize(gains)
-            half = (t_interval(gains)[1] - mean) if n > 1 else math.nan
-            axis.errorbar(row["teacher"][key], mean, yerr=None if math.isnan(half) else half, fmt="o", capsize=4,
-                          label=f"{row['kind']}" + (f" {row['epochs']} ep" if row["epochs"] else ""))
-        axis.axhline(0.0, color="grey", linewidth=1)
-        axis.set_xlabel(f"teacher's {probe} top-1")
-        axis.set_ylabel(f"{method} minus baseline, {probe} top-1 (95% CI)")
-        axis.legend(fontsize=7)
+    figure, axes = plt.subplots(2, len(PROBES), figsize=(11, 8), squeeze=False)
+    colours = {row["directory"]: f"C{i}" for i, row in enumerate(rows)}
+    for panel_row, (shown, title) in zip(axes, ((rows, "every teacher"),
+                                                (comparable_pull(rows), "teachers that pulled alike (first-epoch "
+                                                                        "MGD loss within 2x of the median)"))):
+        for axis, (key, probe) in zip(panel_row, PROBES):
+            for row in shown:
+                gains = row[key]
+                if not gains:
+                    continue
+                mean, std, n = summarize(gains)
+                half = (t_interval(gains)[1] - mean) if n > 1 else math.nan
+                axis.errorbar(row["teacher"][key], mean, yerr=None if math.isnan(half) else half, fmt="o", capsize=4,
+                              color=colours[row["directory"]],
+                              markerfacecolor="white" if row["kind"].startswith("random") else None,
+                              label=f"{teacher_name(row)}, pull {summarize(row['first_epoch_loss'])[0]:.0f}")
+            axis.axhline(0.0, color="grey", linewidth=1)
+            for name, style, text in (("baseline", "--", "baseline student"), ("random", ":", "random-weight student")):
+                if name in reference:
+                    axis.axvline(reference[name][key], color="grey", linestyle=style, linewidth=1, label=text)
+            axis.set_title(title, fontsize=9)
+            axis.set_xlabel(f"teacher's {probe} top-1")
+            axis.set_ylabel(f"{method} minus baseline, {probe} top-1 (95% CI)")
+            axis.legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 
@@ -85,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     table = ladder_table(rows, args.method)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".md").write_text(table)
-    figure = ladder_figure(rows, args.method, args.output.with_suffix(".png"))
+    figure = ladder_figure(rows, args.method, reference_scores(args.baseline_dir), args.output.with_suffix(".png"))
     print(table + f"figure: {figure}")
 
 

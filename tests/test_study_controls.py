@@ -5,6 +5,7 @@ Random-weight teachers (the negative controls), several teachers paired with one
 is a real process.
 """
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,7 +130,20 @@ def test_teacher_ladder_rows_are_the_paired_gains_of_each_teachers_students(stud
     assert cells[1:3] == [f"{teacher['knn_top1']:.2f}", f"{teacher['linear_top1']:.2f}"]
     gains = [_result(control / f"seed{s}" / "mgd-amp")["linear_top1"] - _result(base / f"seed{s}" / "baseline")["linear_top1"]
              for s in (0, 1)]
-    assert cells[4].startswith(f"{sum(gains) / 2:+.2f} ± ") and cells[5] == "2 |"
+    assert cells[4].startswith(f"{sum(gains) / 2:+.2f} ± ") and cells[5] == "2"
+    # The pull: the students' mean MGD loss over their first epoch, read from their metrics.jsonl.
+    first_epochs = [next(json.loads(line)["mgd"] for line in (control / f"seed{s}" / "mgd-amp" / "metrics.jsonl").open()
+                         if json.loads(line)["kind"] == "epoch") for s in (0, 1)]
+    assert cells[6] == f"{sum(first_epochs) / 2:.1f} |"
     assert (tmp_path / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A row that took its teacher from another directory (--teacher-from), kept elsewhere side by side with it,
+    # finds that teacher as the sibling of the same name.
+    kept = tmp_path / "kept"
+    shutil.copytree(control, kept / "control")
+    shutil.copytree(control / "seed0", kept / "match" / "seed0")
+    (kept / "match" / "results.json").write_text(json.dumps({"args": {"teacher_from": "/elsewhere/control"}}))
+    ladder(["--baseline-dir", str(base), str(kept / "match"), "--output", str(tmp_path / "kept_ladder")])
+    kept_cells = (tmp_path / "kept_ladder.md").read_text().splitlines()[2].split(" | ")
+    assert kept_cells[1:3] == cells[1:3] and kept_cells[5] == "1"
     with pytest.raises(SystemExit, match="did not finish"):
         ladder(["--baseline-dir", str(base), str(tmp_path), "--output", str(tmp_path / "x")])
