@@ -7,7 +7,8 @@
 #   random        MGD-AMP from a random-weight ResNet-50 as initialised: control (a)
 #   random_bn     ... with its BN statistics re-estimated on the training images: control (b)
 #   random_match  control (a) with its first-epoch MGD loss matched to sup's through the factor: control (c)
-#   sup1, sup2    the teacher ladder: the supervised ResNet-50 after 1 and 2 epochs
+#   sup1, sup2    the teacher ladder: the supervised ResNet-50 after 1 and 2 epochs (supN: after N epochs;
+#                 sup12 is the rung above row sup's 6)
 #   moco          MGD-AMP from the MoCo-v2 ResNet-50 of moco_teacher.sh (ROOT/moco_teacher)
 #   moco_disco    DisCo and DisCo + MGD-AMP from it (the embedding losses need its MoCo-v2 head; after row moco)
 #   moco_bingo    BINGO and BINGO + MGD-AMP from it
@@ -45,7 +46,7 @@ for row in "${ROWS[@]}"; do
   case $row in
     base) $PY experiments/fashion_mnist.py --output-dir "$ROOT/base" "${RECIPE[@]}" --methods baseline ;;
     sup) student sup --teacher-kind supervised --teacher-epochs 6 --mgd-loss-factor "$LF" ;;
-    sup1|sup2) student "$row" --teacher-kind supervised --teacher-epochs "${row#sup}" --mgd-loss-factor "$LF" ;;
+    sup[0-9]*) student "$row" --teacher-kind supervised --teacher-epochs "${row#sup}" --mgd-loss-factor "$LF" ;;
     random) student random --teacher-kind random --mgd-loss-factor "$LF" ;;
     random_bn) student random_bn --teacher-kind random-bn --mgd-loss-factor "$LF" ;;
     random_match)
