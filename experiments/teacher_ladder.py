@@ -33,12 +33,12 @@ def teacher_row(teacher_dir: Path, baseline_dir: Path, method: str) -> dict:
     teacher = read_result(teacher_result_dir(teacher_dir))
     if teacher is None:
         raise SystemExit(f"{teacher_dir / 'teacher' / 'result.json'} is missing: that teacher did not finish")
-    student_dirs = [d for d in sorted(teacher_dir.glob(f"seed*/{method}")) if read_result(d) is not None]
-    students = [read_result(d) for d in student_dirs]
+    finished = [(d, r) for d in sorted(teacher_dir.glob(f"seed*/{method}")) if (r := read_result(d)) is not None]
+    students = [r for _, r in finished]
     baselines = [r for r in map(read_result, sorted(baseline_dir.glob("seed*/baseline"))) if r is not None]
     row = {"directory": str(teacher_dir), "kind": teacher.get("teacher_kind", "moco"),
            "epochs": teacher.get("epochs"), "teacher": {key: teacher[key] for key, _ in PROBES},
-           "first_epoch_loss": [first_epoch_loss(d) for d in student_dirs]}
+           "pull": summarize(first_epoch_loss(d) for d, _ in finished)[0]}
     for key, _ in PROBES:
         gains = paired_differences(students + baselines, method, key)
         row[key] = gains
@@ -90,15 +90,14 @@ def ladder_table(rows: list[dict], method: str) -> str:
         lines.append(f"| {teacher_name(row)} ({row['directory']}) | {row['teacher']['knn_top1']:.2f} | "
                      f"{row['teacher']['linear_top1']:.2f} | {paired_text(row['knn_top1'])} | "
                      f"{paired_text(row['linear_top1'])} | {len(row['knn_top1'])} | "
-                     f"{summarize(row['first_epoch_loss'])[0]:.1f} |")
+                     f"{row['pull']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def comparable_pull(rows: list[dict], factor: float = 2.0) -> list[dict]:
     """The rows whose first-epoch MGD loss is within ``factor`` of the median row's: teachers that pulled alike."""
-    pulls = sorted(summarize(row["first_epoch_loss"])[0] for row in rows)
-    median = pulls[len(pulls) // 2]
-    return [row for row in rows if median / factor <= summarize(row["first_epoch_loss"])[0] <= median * factor]
+    median = sorted(row["pull"] for row in rows)[len(rows) // 2]
+    return [row for row in rows if median / factor <= row["pull"] <= median * factor]
 
 
 def ladder_figure(rows: list[dict], method: str, reference: dict[str, dict[str, float]], path: Path) -> Path:
@@ -124,7 +123,7 @@ def ladder_figure(rows: list[dict], method: str, reference: dict[str, dict[str, 
                 axis.errorbar(row["teacher"][key], mean, yerr=None if math.isnan(half) else half, fmt="o", capsize=4,
                               color=colours[row["directory"]],
                               markerfacecolor="white" if row["kind"].startswith("random") else None,
-                              label=f"{teacher_name(row)}, pull {summarize(row['first_epoch_loss'])[0]:.0f}")
+                              label=f"{teacher_name(row)}, pull {row['pull']:.0f}")
             axis.axhline(0.0, color="grey", linewidth=1)
             for name, style, text in (("baseline", "--", "baseline student"), ("random", ":", "random-weight student")):
                 if name in reference:
